@@ -1,0 +1,384 @@
+"""Configuration: dataclasses, presets, YAML loading and ``key=value`` overrides.
+
+Config is data: a run is fully described by one ``Config`` which is saved (resolved) with every run
+folder and checkpoint. Every field has a default, presets override some of them, a YAML file
+overrides a preset, and command-line ``section.key=value`` strings override the YAML. Invalid values
+fail at load time with a ``ConfigError`` that names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Shapes and options of the STARFlow-V flow (METHOD.md sections 2-4 and 9)."""
+
+    latent_channels: int = 12  # C of one token as the codec delivers it (before patch folding)
+    patch_size: int = 1  # p: folds p x p latent pixels into one token, channel order (p1, p2, c)
+    num_blocks: int = 3  # K: K-1 shallow blocks + 1 deep block
+    shallow_width: int = 64
+    shallow_layers: int = 2
+    deep_width: int = 128
+    deep_layers: int = 4
+    head_dim: int = 32
+    mlp_ratio: int = 4
+    text_width: int = 64  # width of the text encoder's output (2048 for flan-t5-xl)
+    text_length: int = 16  # L: text tokens prepended to the deep block
+    soft_clip: float = 4.0  # c in c * tanh(h / c), applied to all 2C flow-head outputs
+    noise_std: float = 0.1  # sigma of the noise augmentation x~ = x + sigma * eps
+    pt_seq_len: float = 8.0  # reference grid that RoPE coordinates are normalised to
+    rope_base: float = 10000.0
+    # Share of a head's dims that rotate with time (the rest split evenly between row and column).
+    # The authors' code (misc/pe.py) uses 1/4 (row 3d/8, col 3d/8, time d/4); METHOD.md's text says 1/2.
+    rope_time_fraction: float = 0.25
+    attn_window: int = 0  # deep block: frames of look-back (0 = full causal attention)
+    reverse_even_blocks: bool = True  # blocks 0, 2, 4 reverse the in-frame raster order
+    use_denoiser: bool = True
+    denoiser_layers: int = 2
+    denoiser_width: int = 0  # 0 = shallow_width (as in the reference)
+    denoiser_window: int = 10  # frames of look-back of the denoiser
+    fsm_weight: float = 1.0
+    init_std: float = 0.02
+    recompute: bool = False  # activation recomputation (full, per layer) in every stack
+
+    @property
+    def token_channels(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def resolved_denoiser_width(self) -> int:
+        return self.denoiser_width or self.shallow_width
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "sentencepiece"  # sentencepiece | t5
+    path: str = ""  # t5: local folder; sentencepiece: .model file ("" = train one in the run dir)
+    vocab_size: int = 128
+    width: int = 64  # sentencepiece encoder width (t5: taken from the checkpoint)
+    layers: int = 2
+    heads: int = 4
+    caption_dropout: float = 0.1  # classifier-free guidance training
+    template: str = "{caption}"  # the reference: "Noise Level {noise}:\nA video with {fps} fps:\n{caption}\n"
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic
+    frames: int = 8
+    height: int = 16
+    width: int = 16
+    fps: int = 16
+    num_train_clips: int = 2048
+    num_heldout_clips: int = 64
+    batch_size: int = 8
+    codec: str = "s2d"  # s2d (lossless space-to-depth) | wan (Wan 3-D causal VAE)
+    codec_path: str = ""  # wan: local diffusers folder
+    s2d_patch: int = 2
+    s2d_frames: int = 1
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 30
+    weight_decay: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # Skip rule of the reference: after warm-up, an update whose gradient norm is not finite or
+    # exceeds skip_factor * grad_clip is dropped (counted, logged) instead of applied.
+    skip_factor: float = 50.0
+    seed: int = 0
+    out_dir: str = "runs/tiny"
+    ckpt_every: int = 100
+    eval_every: int = 100
+    log_every: int = 10
+    eval_batches: int = 4
+    keep_checkpoints: int = 2
+    dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (tests)
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "megatron_starflow"
+    threads: int = 0  # torch CPU threads, 0 = torch default
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    sp: bool = False
+    dp: int = -1  # -1: derived from the world size
+    cp: int = 1
+    spec: str = "local"  # local (pure torch) | te (Transformer Engine)
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "text", "data", "train", "parallel")
+
+# Presets only list what differs from the dataclass defaults (which are the `tiny` CPU model).
+_WAN = dict(codec="wan", codec_path="", s2d_patch=1)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {},
+    "small": {
+        "model": dict(shallow_width=128, deep_width=256, deep_layers=6, head_dim=32,
+                      denoiser_layers=2, text_length=16, text_width=128),
+        "text": dict(width=128),
+        "data": dict(frames=8, height=32, width=32),
+    },
+    "100m": {
+        "model": dict(latent_channels=48, num_blocks=4, shallow_width=512, deep_width=1024,
+                      deep_layers=6, head_dim=64, denoiser_layers=4, text_length=256,
+                      text_width=2048, noise_std=0.5, pt_seq_len=16, soft_clip=4.0),
+        "text": dict(encoder="t5"),
+        "data": dict(frames=17, height=256, width=256, **_WAN),
+    },
+    "1b": {
+        "model": dict(latent_channels=48, num_blocks=6, shallow_width=1024, deep_width=2048,
+                      deep_layers=16, head_dim=64, denoiser_layers=8, text_length=256,
+                      text_width=2048, noise_std=0.5, pt_seq_len=24),
+        "text": dict(encoder="t5"),
+        "data": dict(frames=49, height=480, width=832, **_WAN),
+    },
+    "3b": {
+        "model": dict(latent_channels=48, num_blocks=6, shallow_width=2048, deep_width=3072,
+                      deep_layers=24, head_dim=64, denoiser_layers=8, text_length=256,
+                      text_width=2048, noise_std=0.5, pt_seq_len=32),
+        "text": dict(encoder="t5"),
+        "data": dict(frames=81, height=480, width=832, **_WAN),
+    },
+    # METHOD.md section 3: apple/ml-starflow configs/starflow-v_7B_t2v_caus_480p.yaml
+    "7b": {
+        "model": dict(latent_channels=48, patch_size=1, num_blocks=6, shallow_width=3072,
+                      shallow_layers=2, deep_width=4096, deep_layers=24, head_dim=64,
+                      denoiser_layers=8, denoiser_window=10, text_length=256, text_width=2048,
+                      noise_std=0.5, soft_clip=4.0, pt_seq_len=32, recompute=True),
+        "text": dict(encoder="t5", caption_dropout=0.1,
+                     template="Noise Level {noise}:\nA video with {fps} fps:\n{caption}\n"),
+        "data": dict(frames=81, height=480, width=832, fps=16, batch_size=2, **_WAN),
+        "train": dict(lr=5e-5, min_lr=1e-6, grad_clip=1.0, skip_factor=1.0, dtype="bfloat16",
+                      warmup_steps=1000, steps=100000, weight_decay=1e-4),
+    },
+}
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    cls = type(getattr(Config(), section))
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    """Convert a YAML/CLI value to the type of the field's default, or fail naming the key."""
+    kind = type(current)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse {value!r}: {exc}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if kind in (int, float, str) and not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _apply(cfg: Config, section: str, values: dict, origin: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r} (from {origin}); "
+                          f"valid sections: {', '.join(SECTIONS)}")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}: expected a mapping of keys (from {origin}), got {values!r}")
+    fields = _section_fields(section)
+    target = getattr(cfg, section)
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {section}.{key} (from {origin}); "
+                              f"valid keys of {section}: {', '.join(sorted(fields))}")
+        setattr(target, key, _coerce(f"{section}.{key}", value, getattr(target, key)))
+
+
+def from_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    cfg = Config(preset=name)
+    for section, values in PRESETS[name].items():
+        _apply(cfg, section, values, f"preset {name}")
+    return cfg
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, str]]:
+    """``["model.deep_layers=6", ...]`` -> ``{"model": {"deep_layers": "6"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.key=value, "
+                              f"e.g. model.deep_layers=6")
+        key, value = item.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] = (), preset: str | None = None) -> Config:
+    """Preset (from the YAML's ``preset:`` key, the argument, or ``tiny``) <- YAML <- overrides."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist; pass an existing YAML such as "
+                              f"examples/configs/tiny_cpu.yaml")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections")
+    data = copy.deepcopy(data)
+    cfg = from_preset(preset or data.pop("preset", None) or "tiny")
+    data.pop("preset", None)
+    for section, values in data.items():
+        _apply(cfg, section, values, path or "dict")
+    for section, values in parse_overrides(overrides).items():
+        _apply(cfg, section, values, "command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a saved (resolved) config, e.g. from a checkpoint's config.json."""
+    data = copy.deepcopy(data)
+    cfg = Config(preset=data.pop("preset", "tiny"))
+    for section, values in data.items():
+        _apply(cfg, section, values, "saved config")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as JSON (atomically: temp name, then rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _positive(cfg: Config, names: Iterable[str], allow_zero: Iterable[str] = ()) -> None:
+    zero_ok = set(allow_zero)
+    for dotted in names:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value < 0 or (value == 0 and dotted not in zero_ok):
+            need = ">= 0" if dotted in zero_ok else "> 0"
+            raise ConfigError(f"{dotted} must be {need}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    m, d, t, tr, p = cfg.model, cfg.data, cfg.text, cfg.train, cfg.parallel
+    _positive(cfg, [
+        "model.latent_channels", "model.patch_size", "model.num_blocks", "model.shallow_width",
+        "model.shallow_layers", "model.deep_width", "model.deep_layers", "model.head_dim",
+        "model.mlp_ratio", "model.text_width", "model.text_length", "model.soft_clip",
+        "model.pt_seq_len", "model.denoiser_layers", "model.denoiser_window", "model.noise_std",
+        "data.frames", "data.height", "data.width", "data.fps", "data.num_train_clips",
+        "data.num_heldout_clips", "data.batch_size", "data.s2d_patch", "data.s2d_frames",
+        "text.vocab_size", "text.width", "text.layers", "text.heads",
+        "train.steps", "train.lr", "train.grad_clip", "train.skip_factor", "train.ckpt_every",
+        "train.eval_every", "train.log_every", "train.eval_batches", "train.keep_checkpoints",
+        "parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp",
+    ], allow_zero=["model.attn_window", "model.denoiser_width", "model.fsm_weight",
+                   "train.min_lr", "train.warmup_steps", "train.weight_decay",
+                   "data.num_workers", "train.threads"])
+    for name in ("attn_window", "denoiser_width", "fsm_weight", "init_std"):
+        if getattr(m, name) < 0:
+            raise ConfigError(f"model.{name} must be >= 0, got {getattr(m, name)}")
+    if m.num_blocks < 1:
+        raise ConfigError("model.num_blocks must be >= 1 (the deep block)")
+    for width_key in ("shallow_width", "deep_width"):
+        width = getattr(m, width_key)
+        if width % m.head_dim:
+            raise ConfigError(f"model.{width_key}={width} is not divisible by model.head_dim="
+                              f"{m.head_dim}; choose a multiple of the head dim")
+    if m.resolved_denoiser_width % m.head_dim:
+        raise ConfigError(f"model.denoiser_width={m.resolved_denoiser_width} is not divisible by "
+                          f"model.head_dim={m.head_dim}")
+    from megatron_starflow.models.rope import axis_dims
+
+    try:
+        axis_dims(m.head_dim, m.rope_time_fraction)
+    except ValueError as exc:
+        raise ConfigError(f"model.head_dim / model.rope_time_fraction: {exc}") from None
+    if t.width % t.heads:
+        raise ConfigError(f"text.width={t.width} is not divisible by text.heads={t.heads}")
+    if t.encoder not in ("sentencepiece", "t5"):
+        raise ConfigError(f"text.encoder={t.encoder!r}; valid: sentencepiece, t5")
+    if t.encoder == "sentencepiece" and m.text_width != t.width:
+        raise ConfigError(f"model.text_width={m.text_width} must equal text.width={t.width} for "
+                          f"the sentencepiece encoder")
+    if not 0.0 <= t.caption_dropout < 1.0:
+        raise ConfigError(f"text.caption_dropout must be in [0, 1), got {t.caption_dropout}")
+    if d.codec not in ("s2d", "wan"):
+        raise ConfigError(f"data.codec={d.codec!r}; valid: s2d, wan")
+    if d.codec == "s2d":
+        fold = d.s2d_patch * m.patch_size
+        for key in ("height", "width"):
+            if getattr(d, key) % fold:
+                raise ConfigError(f"data.{key}={getattr(d, key)} is not divisible by "
+                                  f"data.s2d_patch * model.patch_size = {fold}")
+        if d.frames % d.s2d_frames:
+            raise ConfigError(f"data.frames={d.frames} is not divisible by data.s2d_frames="
+                              f"{d.s2d_frames}")
+        expected = 3 * d.s2d_patch**2 * d.s2d_frames
+        if m.latent_channels != expected:
+            raise ConfigError(f"model.latent_channels={m.latent_channels} but the s2d codec makes "
+                              f"3 * s2d_patch^2 * s2d_frames = {expected} channels; set "
+                              f"model.latent_channels={expected}")
+    if d.source not in ("synthetic",):
+        raise ConfigError(f"data.source={d.source!r}; valid: synthetic")
+    if tr.dtype not in ("float32", "bfloat16", "float64"):
+        raise ConfigError(f"train.dtype={tr.dtype!r}; valid: float32, bfloat16, float64")
+    if tr.wandb_mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"train.wandb_mode={tr.wandb_mode!r}; valid: offline, online, disabled")
+    if p.spec not in ("local", "te"):
+        raise ConfigError(f"parallel.spec={p.spec!r}; valid: local, te")
+    if tr.warmup_steps > tr.steps:
+        raise ConfigError(f"train.warmup_steps={tr.warmup_steps} exceeds train.steps={tr.steps}")
+    if not math.isfinite(m.noise_std):
+        raise ConfigError("model.noise_std must be finite")

@@ -1,0 +1,40 @@
+"""Flow-score-matching denoiser (METHOD.md section 4.4-4.5).
+
+A small non-causal transformer s_phi trained to regress the scaled score of the flow's density of
+noisy data, t = -sigma * grad_x NLL(x~), so that x^ = x~ + sigma * s_phi(x~) is Tweedie's denoised
+estimate. The exact score at frame n depends on every later frame; the denoiser sees only one frame
+ahead (block-causal with one frame of look-ahead, and at most ``window`` frames back), which keeps
+decoding streamable with one frame of latency. Text is prepended; every query sees all text.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_starflow.models.layout import SlotLayout
+from megatron_starflow.models.transformer import TransformerStack, ZeroCenteredRMSNorm
+
+
+class FlowScoreDenoiser(nn.Module):
+    def __init__(self, channels: int, width: int, layers: int, head_dim: int, text_width: int,
+                 mlp_ratio: int = 4, init_std: float = 0.02, rope_base: float = 10000.0,
+                 rope_time_fraction: float = 0.25, recompute: bool = False, spec: str = "local"):
+        super().__init__()
+        self.rope = (head_dim, rope_base, rope_time_fraction)
+        self.proj_in = nn.Linear(channels, width)
+        self.proj_txt = nn.Linear(text_width, width)
+        self.transformer = TransformerStack(width, layers, head_dim, mlp_ratio, init_std, recompute, spec)
+        self.final_norm = ZeroCenteredRMSNorm(width)
+        self.proj_out = nn.Linear(width, channels)
+        # Zero output: an untrained denoiser returns its input unchanged.
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, tokens: torch.Tensor, layout: SlotLayout, text: torch.Tensor) -> torch.Tensor:
+        """tokens ``[B, N, C]`` (raster order, frames in time order) -> scaled score ``[B, N, C]``."""
+        h = torch.cat([self.proj_txt(text.to(tokens.dtype)), self.proj_in(tokens)], dim=1)
+        mask = layout.lookahead_mask().to(h.device)
+        angles = layout.angles(*self.rope).to(h.device)
+        h = self.transformer(h, mask, angles)
+        return self.proj_out(self.final_norm(h[:, layout.text_len:]))

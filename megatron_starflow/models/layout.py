@@ -1,0 +1,75 @@
+"""Where each slot of a block's sequence sits: text prefix, then one slot per video token.
+
+Slot L+j predicts raster token j (frame j // (H*W)); its input is token j-1 (or the start token for
+j = 0). RoPE angles are indexed by slot in natural order and are not permuted with the tokens
+(METHOD.md section 9), so they depend only on the layout, which makes them cacheable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from megatron_starflow.models import masks, rope
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    text_len: int
+    frames: int
+    height: int
+    width: int
+    with_time: bool
+    pt_seq_len: float
+    window: int = 0  # frames of look-back (0 = unlimited)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.height * self.width
+
+    @property
+    def video_len(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+    @property
+    def total(self) -> int:
+        return self.text_len + self.video_len
+
+    def angles(self, head_dim: int, base: float, time_fraction: float) -> torch.Tensor:
+        return _angles(self, head_dim, base, time_fraction)
+
+    def labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slot index, frame index, is-text) of every slot; text slots are labelled frame 0."""
+        return _labels(self)
+
+    def causal_mask(self, q_start: int = 0, q_len: int | None = None) -> torch.Tensor:
+        """Allowed [q_len, q_start + q_len] for queries q_start.. attending to every earlier slot."""
+        q_len = self.total - q_start if q_len is None else q_len
+        slot, frame, is_text = self.labels()
+        q = slice(q_start, q_start + q_len)
+        k = slice(0, q_start + q_len)
+        return masks.frame_causal(slot[q], slot[k], frame[q], frame[k], is_text[k], self.window)
+
+    def lookahead_mask(self) -> torch.Tensor:
+        _, frame, is_text = self.labels()
+        return masks.lookahead(frame, frame, is_text, self.window)
+
+
+@lru_cache(maxsize=64)
+def _labels(layout: SlotLayout):
+    slot = torch.arange(layout.total)
+    frame = torch.zeros(layout.total, dtype=torch.long)
+    frame[layout.text_len:] = torch.arange(layout.video_len) // layout.tokens_per_frame
+    is_text = slot < layout.text_len
+    return slot, frame, is_text
+
+
+@lru_cache(maxsize=64)
+def _angles(layout: SlotLayout, head_dim: int, base: float, time_fraction: float) -> torch.Tensor:
+    coords = rope.video_coords(layout.frames, layout.height, layout.width, layout.pt_seq_len,
+                               with_time=layout.with_time)
+    if layout.text_len:
+        coords = torch.cat([rope.text_coords(layout.text_len, layout.pt_seq_len), coords])
+    return rope.rope_angles(coords, head_dim, base, time_fraction)

@@ -1,0 +1,221 @@
+"""Transformer stacks built from megatron-core ``ModuleSpec``s, with a KV cache for inversion.
+
+Every stack of the model (shallow blocks, deep block, denoiser) is a megatron-core
+``TransformerBlock``: pre-LayerNorm attention with RoPE on q and k, pre-LayerNorm GELU MLP, biases,
+as in the authors' blocks. The layers come from a spec, so the parallel issue swaps in Transformer
+Engine layers or sets TP/SP sizes without touching the model code.
+
+Core attention is our own (``SDPACoreAttention``): torch's scaled-dot-product attention with an
+arbitrary boolean mask, which runs on CPU and GPU, and which can read and extend a KV cache. The
+cache lives here (and not in megatron's inference context) because inverting a flow needs two
+kinds of cached step: a sequential step that commits its keys, and Jacobi iterations that attend
+to the cache without committing until the block has converged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _megatron():
+    # Imported lazily: megatron-core prints warnings on import and the config module must stay light.
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+    return locals()
+
+
+@dataclass
+class KVCache:
+    """Keys and values per layer, ``[S, B, heads, head_dim]`` (megatron's sequence-first layout)."""
+
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return 0 if not self.keys else next(iter(self.keys.values())).shape[0]
+
+    def truncate(self, length: int) -> None:
+        for store in (self.keys, self.values):
+            for layer in store:
+                store[layer] = store[layer][:length]
+
+    def clone(self) -> "KVCache":
+        return KVCache(dict(self.keys), dict(self.values))
+
+
+class _CacheState:
+    def __init__(self, cache: KVCache, commit: bool):
+        self.cache, self.commit = cache, commit
+
+
+def _core_attention_class():
+    mc = _megatron()
+
+    class SDPACoreAttention(mc["MegatronModule"]):
+        """Core attention slot of megatron's SelfAttention: q, k, v ``[S, B, heads, d]`` in,
+        ``[S, B, heads*d]`` out. Mask convention is megatron's: True = masked out."""
+
+        def __init__(self, config, layer_number, attn_mask_type=None, attention_type="self",
+                     attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                     pg_collection=None):
+            super().__init__(config=config)
+            self.layer_number = layer_number
+            self.softmax_scale = softmax_scale
+            self.cache_state: _CacheState | None = None
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                    attention_bias=None, packed_seq_params=None):
+            state = self.cache_state
+            if state is not None:
+                past_k = state.cache.keys.get(self.layer_number)
+                if past_k is not None:
+                    key = torch.cat([past_k, key], dim=0)
+                    value = torch.cat([state.cache.values[self.layer_number], value], dim=0)
+                if state.commit:
+                    state.cache.keys[self.layer_number] = key
+                    state.cache.values[self.layer_number] = value
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            if k.shape[1] != q.shape[1]:  # grouped-query attention: share kv heads
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            allowed = None if attention_mask is None else ~attention_mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
+            return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+    return SDPACoreAttention
+
+
+_SDPA = None
+
+
+def sdpa_core_attention():
+    global _SDPA
+    if _SDPA is None:
+        _SDPA = _core_attention_class()
+    return _SDPA
+
+
+def local_layer_spec():
+    """Pure-torch megatron layer: what a CPU run (and the default GPU run) builds."""
+    mc = _megatron()
+    ModuleSpec = mc["ModuleSpec"]
+    return ModuleSpec(
+        module=mc["TransformerLayer"],
+        submodules=mc["TransformerLayerSubmodules"](
+            input_layernorm=mc["WrappedTorchNorm"],
+            self_attention=ModuleSpec(
+                module=mc["SelfAttention"],
+                params={"attn_mask_type": mc["AttnMaskType"].arbitrary},
+                submodules=mc["SelfAttentionSubmodules"](
+                    linear_qkv=mc["ColumnParallelLinear"],
+                    core_attention=sdpa_core_attention(),
+                    linear_proj=mc["RowParallelLinear"],
+                    q_layernorm=mc["IdentityOp"],
+                    k_layernorm=mc["IdentityOp"],
+                ),
+            ),
+            self_attn_bda=mc["get_bias_dropout_add"],
+            pre_mlp_layernorm=mc["WrappedTorchNorm"],
+            mlp=ModuleSpec(module=mc["MLP"], submodules=mc["MLPSubmodules"](
+                linear_fc1=mc["ColumnParallelLinear"], linear_fc2=mc["RowParallelLinear"])),
+            mlp_bda=mc["get_bias_dropout_add"],
+        ),
+    )
+
+
+LAYER_SPECS = {"local": local_layer_spec}
+
+
+def transformer_config(width: int, layers: int, head_dim: int, mlp_ratio: int, init_std: float,
+                       recompute: bool = False, params_dtype=torch.float32, tp: int = 1,
+                       sp: bool = False):
+    """The megatron TransformerConfig of one stack, matching the authors' layer: LayerNorm eps 1e-5
+    with bias, exact-erf GELU, biases on every linear, no dropout, interleaved RoPE pairs."""
+    mc = _megatron()
+    return mc["TransformerConfig"](
+        num_layers=layers, hidden_size=width, num_attention_heads=width // head_dim,
+        kv_channels=head_dim, ffn_hidden_size=mlp_ratio * width, init_method_std=init_std,
+        add_bias_linear=True, activation_func=F.gelu, normalization="LayerNorm",
+        layernorm_epsilon=1e-5, hidden_dropout=0.0, attention_dropout=0.0,
+        rotary_interleaved=True, apply_rope_fusion=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        use_cpu_initialization=not torch.cuda.is_available(), params_dtype=params_dtype,
+        tensor_model_parallel_size=tp, sequence_parallel=sp,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+
+
+class TransformerStack(nn.Module):
+    """A megatron TransformerBlock behind a batch-first interface with boolean masks and RoPE."""
+
+    def __init__(self, width: int, layers: int, head_dim: int, mlp_ratio: int = 4,
+                 init_std: float = 0.02, recompute: bool = False, spec: str = "local"):
+        super().__init__()
+        if spec not in LAYER_SPECS:
+            raise ValueError(f"parallel.spec={spec!r} is not available; valid: {', '.join(LAYER_SPECS)}")
+        mc = _megatron()
+        self.config = transformer_config(width, layers, head_dim, mlp_ratio, init_std, recompute)
+        layer = LAYER_SPECS[spec]()
+        self.block = mc["TransformerBlock"](
+            self.config, mc["TransformerBlockSubmodules"](layer_specs=[layer] * layers),
+            post_layer_norm=False)
+        self.head_dim = head_dim
+
+    def _core_attentions(self):
+        return [layer.self_attention.core_attention for layer in self.block.layers]
+
+    @contextlib.contextmanager
+    def _cached(self, cache: KVCache | None, commit: bool):
+        state = None if cache is None else _CacheState(cache, commit)
+        modules = self._core_attentions()
+        for m in modules:
+            m.cache_state = state
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.cache_state = None
+
+    def forward(self, hidden: torch.Tensor, allowed: torch.Tensor, angles: torch.Tensor,
+                cache: KVCache | None = None, commit: bool = False) -> torch.Tensor:
+        """``hidden`` [B, S, W]; ``allowed`` [S, S_past + S] (True = attend); ``angles`` [S, d] RoPE
+        angles of these S slots; with a cache, keys of earlier slots are read from it (and this
+        call's keys appended when ``commit``)."""
+        x = hidden.transpose(0, 1).contiguous()
+        mask = ~allowed.reshape(1, 1, *allowed.shape[-2:]) if allowed.dim() == 2 else ~allowed
+        freqs = angles.to(x.dtype)[:, None, None, :]
+        with self._cached(cache, commit):
+            out = self.block(x, mask, rotary_pos_emb=freqs)
+        return out.transpose(0, 1)
+
+
+class ZeroCenteredRMSNorm(nn.Module):
+    """The authors' final norm: RMSNorm in fp32 with scale (1 + weight), weight zero-initialised,
+    eps 1e-6."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1 + self.weight.to(normed.dtype))).to(x.dtype)

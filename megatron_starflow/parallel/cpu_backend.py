@@ -1,0 +1,67 @@
+"""The small compatibility layer that lets megatron-core run on CPU/gloo.
+
+Active only when CUDA is absent (``install()`` is a no-op on a GPU machine, and nothing else in the
+package imports these patches). What megatron-core 0.16 assumes and what we substitute:
+
+* Activation recomputation (``tensor_parallel.checkpoint``) saves and restores the CUDA RNG state
+  around the recomputed forward via ``random._get_cuda_rng_state`` / ``_set_cuda_rng_state``. On CPU
+  there is no CUDA generator: the CPU generator (already saved by megatron alongside) is the one
+  that matters, so we return/restore the CPU state instead.
+* The CUDA RNG *tracker* (``get_cuda_rng_tracker().add``) seeds CUDA generators; the tracker's
+  forks are only used for dropout inside tensor-parallel regions. We keep a CPU state per tracker
+  name so ``fork()`` still gives reproducible, rank-dependent streams.
+
+Weights are initialised on CPU by ``TransformerConfig(use_cpu_initialization=True)``, which the
+model sets whenever CUDA is absent; core attention is our own SDPA module (no TE, no fused kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_INSTALLED = False
+
+
+def install() -> None:
+    global _INSTALLED
+    if _INSTALLED or torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+
+    class CPURNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """Same interface as megatron's tracker, with CPU generator states."""
+
+        def add(self, name, seed):
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            outer = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _INSTALLED = True

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Write synthetic captioned clips to disk, plus a metadata.jsonl index.
+
+    python tools/make_synthetic_data.py --out data/synth --split train --num 1000 \
+        --frames 8 --height 32 --width 32 --format npy
+
+Each clip is written under a temporary name and renamed when complete, so an
+interrupted run never leaves a half-written clip (or metadata) behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+# Allow running as a plain script from the repo root without installing the package.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from megatron_starflow.data.synthetic import make_clip  # noqa: E402
+
+
+def write_npy(path: Path, video: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    # Write through a file object so numpy does not append another ".npy".
+    with open(tmp, "wb") as f:
+        np.save(f, video)
+    os.replace(tmp, path)
+
+
+def write_webm(path: Path, video: np.ndarray, fps: int) -> None:
+    import imageio_ffmpeg
+
+    # ffmpeg picks the container from the extension, so the temp name keeps ".webm".
+    tmp = path.with_name(f".partial-{path.name}")
+    _, height, width, _ = video.shape
+    writer = imageio_ffmpeg.write_frames(
+        str(tmp),
+        size=(width, height),
+        fps=fps,
+        codec="libvpx-vp9",
+        quality=None,
+        # Lossless VP9 in 4:4:4 so tiny clips keep their sharp single-pixel edges.
+        pix_fmt_out="yuv444p",
+        output_params=["-lossless", "1"],
+        macro_block_size=1,
+    )
+    writer.send(None)  # prime the generator
+    for frame in video:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--split", default="train", help="seed stream: train | heldout")
+    p.add_argument("--num", type=int, required=True, help="number of clips")
+    p.add_argument("--start", type=int, default=0, help="index of the first clip")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--height", type=int, default=32)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--fps", type=int, default=8, help="frame rate stored in webm files")
+    p.add_argument("--format", choices=("npy", "webm"), default="npy")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.num < 1:
+        raise SystemExit(f"--num must be >= 1, got {args.num}")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in tqdm(range(args.start, args.start + args.num), desc=f"{args.split} clips", unit="clip"):
+        video, caption, attrs = make_clip(index, args.split, args.frames, args.height, args.width)
+        name = f"{args.split}_{index:07d}.{args.format}"
+        if args.format == "npy":
+            write_npy(out / name, video)
+        else:
+            write_webm(out / name, video, args.fps)
+        records.append(
+            {
+                "file": name,
+                "caption": caption,
+                "attributes": attrs,
+                "index": index,
+                "split": args.split,
+                "frames": args.frames,
+                "height": args.height,
+                "width": args.width,
+                "fps": args.fps,
+            }
+        )
+    meta = out / "metadata.jsonl"
+    tmp = out / ".metadata.jsonl.partial"
+    with open(tmp, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, meta)
+    print(f"wrote {len(records)} clips and {meta}")
+
+
+if __name__ == "__main__":
+    main()
