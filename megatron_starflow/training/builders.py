@@ -1,0 +1,139 @@
+"""Build the parts of a run from its config: codec, text encoder, model, data sets.
+
+Kept apart from the loop so that training, evaluation, sampling and the converters build exactly
+the same objects from a saved config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megatron_starflow.config import Config, ConfigError
+from megatron_starflow.models.codecs import LatentCodec, build_codec
+from megatron_starflow.models.starflow import StarFlowV, patchify, unpatchify
+from megatron_starflow.models.text import TextEncoder, build_text_encoder, format_caption
+
+
+def make_codec(cfg: Config) -> LatentCodec:
+    if cfg.data.codec == "s2d":
+        return build_codec("s2d", patch=cfg.data.s2d_patch, frames_per_token=cfg.data.s2d_frames)
+    if not cfg.data.codec_path:
+        raise ConfigError("data.codec=wan needs data.codec_path: a local diffusers AutoencoderKLWan "
+                          "folder (config.json + weights)")
+    return build_codec("wan", path=cfg.data.codec_path)
+
+
+def tokenizer_path(cfg: Config, run_dir: str) -> str:
+    return cfg.text.path or os.path.join(run_dir, "tokenizer", "spm.model")
+
+
+def ensure_tokenizer(cfg: Config, run_dir: str) -> str:
+    """The sentencepiece model of a run: the configured one, or one trained on the training split's
+    captions (deterministic) and kept in the run folder so checkpoints carry it."""
+    path = tokenizer_path(cfg, run_dir)
+    if not os.path.isfile(path):
+        if cfg.text.path:
+            raise ConfigError(f"text.path={cfg.text.path!r} does not exist; train one with "
+                              f"`python tools/train_tokenizer.py` or leave text.path empty")
+        from megatron_starflow.data.synthetic import all_captions
+        from megatron_starflow.data.tokenizer import train_sentencepiece
+
+        captions = [format_caption(c, cfg.text.template, noise=_noise_level(cfg), fps=cfg.data.fps)
+                    for c in all_captions("train", cfg.data.num_train_clips)]
+        train_sentencepiece(captions, os.path.dirname(path), cfg.text.vocab_size)
+    return path
+
+
+def make_text_encoder(cfg: Config, run_dir: str) -> TextEncoder:
+    if cfg.text.encoder == "sentencepiece":
+        return build_text_encoder("sentencepiece", model_path=ensure_tokenizer(cfg, run_dir),
+                                  width=cfg.text.width, layers=cfg.text.layers,
+                                  heads=cfg.text.heads, max_length=cfg.model.text_length)
+    encoder = build_text_encoder("t5", path=cfg.text.path, max_length=cfg.model.text_length)
+    if encoder.width != cfg.model.text_width:
+        raise ConfigError(f"model.text_width={cfg.model.text_width} but the T5 encoder at "
+                          f"{cfg.text.path} outputs width {encoder.width}; set model.text_width="
+                          f"{encoder.width}")
+    return encoder
+
+
+def _noise_level(cfg: Config) -> int:
+    return int(round(1000 * cfg.model.noise_std))
+
+
+class StarFlowSystem(nn.Module):
+    """Model + text encoder + codec: videos and captions in, tokens, text embeddings, videos out."""
+
+    def __init__(self, cfg: Config, run_dir: str):
+        super().__init__()
+        self.cfg = cfg
+        self.model = StarFlowV(cfg.model, spec=cfg.parallel.spec)
+        self.text_encoder = make_text_encoder(cfg, run_dir)
+        self.codec = make_codec(cfg)
+
+    def trainable_state_dict(self) -> dict:
+        """What a checkpoint must hold: the flow (+ denoiser) and a trainable text encoder."""
+        state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.text_encoder.trainable:
+            state.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
+        return state
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        if self.text_encoder.trainable:
+            self.text_encoder.load_state_dict(
+                {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        # Dropped captions ("") go through the same template, as in the reference: the
+        # unconditional text still states the noise level and fps.
+        formatted = [format_caption(c, self.cfg.text.template, noise=_noise_level(self.cfg),
+                                    fps=self.cfg.data.fps) for c in captions]
+        emb, _ = self.text_encoder(formatted)
+        return emb.to(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.blocks[0].proj_in.weight.dtype
+
+    def video_to_tokens(self, video: torch.Tensor, dequantize: bool = True,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 ``[B, T, H, W, 3]`` -> model tokens ``[B, T', h, w, C']``."""
+        kwargs = {"generator": generator, "dequantize": dequantize} if self.cfg.data.codec == "s2d" else {}
+        latent = self.codec.encode(video, **kwargs)
+        return patchify(latent.to(self.dtype), self.cfg.model.patch_size)
+
+    def tokens_to_video_float(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Model tokens -> float video ``[B, T, H, W, 3]`` in [-1, 1]."""
+        latent = unpatchify(tokens, self.cfg.model.patch_size).float()
+        return self.codec.decode(latent).clamp(-1, 1)
+
+    def tokens_to_video(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Model tokens -> uint8 video ``[B, T, H, W, 3]``."""
+        return self.codec.to_uint8(self.tokens_to_video_float(tokens))
+
+
+@dataclass
+class Datasets:
+    train: torch.utils.data.Dataset
+    heldout: torch.utils.data.Dataset
+
+
+def make_datasets(cfg: Config) -> Datasets:
+    from megatron_starflow.data.synthetic import SyntheticCaptionedVideos
+
+    d = cfg.data
+    return Datasets(
+        SyntheticCaptionedVideos("train", d.num_train_clips, d.frames, d.height, d.width),
+        SyntheticCaptionedVideos("heldout", d.num_heldout_clips, d.frames, d.height, d.width),
+    )
+
+
+def collate(items: list[dict]) -> dict:
+    return {"video": torch.stack([it["video"] for it in items]),
+            "caption": [it["caption"] for it in items],
+            "attrs": [it["attrs"] for it in items]}
