@@ -211,6 +211,12 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{key}: cannot parse {value!r}: {exc}") from None
+        if kind is float and isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads exponent literals without a dot ("1e-3") as strings.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is bool and not isinstance(value, bool):

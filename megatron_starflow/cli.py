@@ -1,0 +1,168 @@
+"""Command-line entry points behind ``launch.py``: train | eval | sample."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _quiet_warnings() -> None:
+    import warnings
+
+    # megatron-core warns at import that TE/apex are absent: expected on CPU, noise for users.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
+
+
+def cmd_train(args) -> int:
+    from megatron_starflow.config import load_config
+    from megatron_starflow.training.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = args.out or cfg.train.out_dir
+    result = train(cfg, run_dir)
+    summary = {
+        "run_dir": result.run_dir, "steps": result.steps, "skipped_steps": result.skipped,
+        "train_seconds": round(result.seconds, 1),
+        "heldout_bits_per_dim_start": result.eval_start["bits_per_dim"],
+        "heldout_bits_per_dim_end": result.eval_end["bits_per_dim"],
+        "bits_per_dim_kind": result.eval_end["bits_per_dim_kind"],
+    }
+    if "pixel_bits_per_dim" in result.eval_end:
+        summary["heldout_pixel_bits_per_dim_start"] = result.eval_start["pixel_bits_per_dim"]
+        summary["heldout_pixel_bits_per_dim_end"] = result.eval_end["pixel_bits_per_dim"]
+    if "denoiser_psnr_gain_db" in result.eval_end:
+        summary["denoiser_psnr_gain_db"] = result.eval_end["denoiser_psnr_gain_db"]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def load_system(checkpoint: str):
+    from megatron_starflow.parallel.state import ensure_single_process
+    from megatron_starflow.training.builders import StarFlowSystem
+    from megatron_starflow.training.checkpoint import load_checkpoint
+
+    cfg, state, step_dir = load_checkpoint(checkpoint)
+    ensure_single_process()
+    system = StarFlowSystem(cfg, step_dir)
+    system.load_trainable_state_dict(state["model"])
+    system.eval()
+    return system, state.get("step", 0), step_dir
+
+
+def cmd_eval(args) -> int:
+    from megatron_starflow.training.builders import make_datasets
+
+    system, step, step_dir = load_system(args.checkpoint)
+    data = make_datasets(system.cfg)
+    from megatron_starflow.evaluation.likelihood import evaluate
+
+    result = evaluate(system, data.heldout, batches=args.batches, batch_size=system.cfg.data.batch_size)
+    print(json.dumps({"checkpoint": step_dir, "step": step, **result}, indent=2))
+    return 0
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        if not os.path.isfile(args.prompts):
+            raise FileNotFoundError(f"prompt file {args.prompts!r} does not exist")
+        with open(args.prompts) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompt file {args.prompts!r} holds no prompts (one per line)")
+    return prompts
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from megatron_starflow.sampling.generate import generate
+    from megatron_starflow.sampling.jacobi import SolverOptions
+    from megatron_starflow.sampling.video_io import (auto_upscale, frame_grid, read_video,
+                                                      write_mp4, write_png)
+
+    prompts = _read_prompts(args)
+    from megatron_starflow.sampling.generate import check_prompts
+
+    check_prompts(prompts)
+    prefix = None
+    if args.task in ("i2v", "v2v"):
+        source = args.image if args.task == "i2v" else args.video
+        if not source:
+            raise ValueError(f"--task {args.task} needs --{'image' if args.task == 'i2v' else 'video'} PATH")
+        frames = read_video(source)
+        if args.task == "i2v":
+            frames = frames[:1]
+        elif args.context_frames:
+            frames = frames[:args.context_frames]
+        prefix = torch.from_numpy(frames)
+    system, step, _ = load_system(args.checkpoint)
+    opts = SolverOptions(solver=args.solver, first_block=args.block_size[0],
+                         later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)
+    out = generate(system, prompts, args.frames, args.seed, opts, prefix)
+    video = out.video.numpy()
+    fps = system.cfg.data.fps
+    up = auto_upscale(video.shape[2])
+    paths = []
+    root, ext = os.path.splitext(args.out)
+    for i in range(video.shape[0]):
+        path = args.out if video.shape[0] == 1 else f"{root}_{i}{ext or '.mp4'}"
+        paths.append(write_mp4(path, video[i], fps=min(fps, 8), upscale=up))
+    if args.grid:
+        write_png(args.grid, frame_grid(video, upscale=max(1, up // 2)))
+    record = {"task": args.task, "prompts": prompts, "outputs": paths, "grid": args.grid,
+              "checkpoint_step": step, "solver": args.solver, "cfg": args.cfg, "seed": args.seed,
+              "seconds": {k: round(v, 3) for k, v in out.seconds.items()},
+              "deep_network_evals": out.deep.network_evals,
+              "shallow_network_evals": out.shallow.network_evals,
+              "jacobi_iterations": out.deep.iterations}
+    print(json.dumps(record))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch.py", description="megatron_starflow: STARFlow-V")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a model")
+    tr.add_argument("--config", help="YAML config (e.g. examples/configs/tiny_cpu.yaml)")
+    tr.add_argument("--out", help="run folder (default: train.out_dir)")
+    tr.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    tr.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="held-out bits/dim and denoiser PSNR of a checkpoint")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--batches", type=int, default=8)
+    ev.set_defaults(func=cmd_eval)
+    sa = sub.add_parser("sample", help="write videos from a checkpoint")
+    sa.add_argument("--checkpoint", required=True)
+    sa.add_argument("--task", choices=["t2v", "i2v", "v2v"], default="t2v")
+    sa.add_argument("--prompt", action="append", help="caption (repeat for several)")
+    sa.add_argument("--prompts", help="text file, one prompt per line (batched)")
+    sa.add_argument("--image", help="i2v: first frame (PNG/JPEG/npy)")
+    sa.add_argument("--video", help="v2v: conditioning video")
+    sa.add_argument("--context-frames", type=int, default=0, help="v2v: frames of --video to keep")
+    sa.add_argument("--frames", type=int, default=0, help="pixel frames to generate (default: training length)")
+    sa.add_argument("--cfg", type=float, default=0.0, help="guidance weight w")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--solver", choices=["sequential", "jacobi"], default="jacobi")
+    sa.add_argument("--block-size", type=int, nargs="+", default=[16, 64],
+                    help="Jacobi chunk sizes: first frame [, later frames]")
+    sa.add_argument("--tau", type=float, default=1e-3)
+    sa.add_argument("--out", default="out.mp4")
+    sa.add_argument("--grid", help="also write a PNG frame grid here")
+    sa.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv=None) -> int:
+    _quiet_warnings()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,144 @@
+"""Inverting one flow block: sequential (KV-cached, token by token) or block Jacobi.
+
+Jacobi (METHOD.md section 5): for a chunk of S tokens whose past is in the KV cache, iterate
+x^{k+1} = b(x^k) + sigma(x^k) * z over the whole chunk in one parallel pass. Causality makes token
+P+k exact after k+1 iterations, so the chunk is exact after at most S iterations; we stop earlier
+when ||x^{k+1} - x^k||^2 / ||x^{k+1}||^2 < tau. The converged chunk is then committed to the cache
+by one more pass whose output is the final value (so the cache always holds exactly the keys of
+the returned values). Video-aware initialisation starts a chunk inside frame n > 0 from the values
+at the same in-frame positions of frame n-1, which is where consecutive frames agree.
+
+With guidance, the batch holds [conditional; unconditional] copies that share one history (the
+guided values), as in the reference.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_starflow.models.flow_block import FlowBlock
+from megatron_starflow.models.layout import SlotLayout
+from megatron_starflow.models.transformer import KVCache
+from megatron_starflow.sampling.guidance import guided_gaussian
+
+
+@dataclass
+class SolverOptions:
+    solver: str = "jacobi"  # sequential | jacobi
+    first_block: int = 16  # Jacobi chunk size inside frame 0
+    later_block: int = 64  # ... and afterwards (the reference: 32, then 4x larger)
+    tau: float = 1e-3
+    max_iters: int = 0  # 0 = chunk size (exact)
+    video_aware: bool = True
+    guidance: float = 0.0
+
+    def __post_init__(self):
+        if self.solver not in ("sequential", "jacobi"):
+            raise ValueError(f"solver={self.solver!r}; valid: sequential, jacobi")
+        if self.first_block < 1 or self.later_block < 1:
+            raise ValueError("Jacobi block sizes must be >= 1")
+
+
+@dataclass
+class SolverStats:
+    network_evals: int = 0  # forward passes of the block
+    token_evals: int = 0  # sum over passes of the slots computed
+    iterations: list[int] = field(default_factory=list)  # per Jacobi chunk
+    seconds: float = 0.0
+
+    def merge(self, other: "SolverStats") -> None:
+        self.network_evals += other.network_evals
+        self.token_evals += other.token_evals
+        self.iterations += other.iterations
+        self.seconds += other.seconds
+
+
+class BlockInverter:
+    """Stateful inverse of one block over a growing sequence (the state is the KV cache)."""
+
+    def __init__(self, block: FlowBlock, layout: SlotLayout, opts: SolverOptions,
+                 text: torch.Tensor | None = None, uncond_text: torch.Tensor | None = None):
+        self.block, self.layout, self.opts = block, layout, opts
+        self.guided = opts.guidance != 0 and uncond_text is not None
+        self.cache = KVCache()
+        self.stats = SolverStats()
+        if layout.text_len:
+            both = torch.cat([text, uncond_text]) if self.guided else text
+            block.prefill_text(both, layout, self.cache)
+
+    def _step(self, prev: torch.Tensor, start: int, z: torch.Tensor, commit: bool) -> torch.Tensor:
+        """One parallel pass over tokens start..start+S-1 -> their new values b + sigma * z."""
+        inputs = torch.cat([prev, prev]) if self.guided else prev
+        b, log_sigma = self.block.predict(inputs, start, self.layout, self.cache, commit)
+        if self.guided:
+            (b_c, b_u), (l_c, l_u) = b.chunk(2), log_sigma.chunk(2)
+            b, log_sigma = guided_gaussian(b_c, l_c, b_u, l_u, self.opts.guidance)
+        self.stats.network_evals += 1
+        self.stats.token_evals += prev.shape[1]
+        return b + torch.exp(log_sigma) * z
+
+    def encode_prefix(self, x: torch.Tensor) -> None:
+        """Fill the cache with given tokens (I2V / V2V / long-video context): one parallel pass."""
+        prev = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+        inputs = torch.cat([prev, prev]) if self.guided else prev
+        self.block.predict(inputs, 0, self.layout, self.cache, commit=True)
+        self.stats.network_evals += 1
+
+    @torch.no_grad()
+    def run(self, z: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """z ``[B, N, C]`` -> x. Tokens of ``prefix`` (``[B, P, C]``, P < N) are given, not solved."""
+        t0 = time.time()
+        x = torch.zeros_like(z)
+        start = 0
+        if prefix is not None and prefix.shape[1]:
+            start = prefix.shape[1]
+            x[:, :start] = prefix
+            self.encode_prefix(prefix)
+        if self.opts.solver == "sequential":
+            self._sequential(z, x, start)
+        else:
+            self._jacobi(z, x, start)
+        self.stats.seconds += time.time() - t0
+        return x
+
+    def _sequential(self, z, x, start):
+        for t in range(start, z.shape[1]):
+            prev = x[:, t - 1:t] if t else torch.zeros_like(x[:, :1])
+            x[:, t:t + 1] = self._step(prev, t, z[:, t:t + 1], commit=True)
+
+    def _initial_guess(self, x, z, start, size):
+        hw = self.layout.tokens_per_frame
+        if self.opts.video_aware and start >= hw:
+            return x[:, start - hw:start - hw + size].clone()
+        return z[:, start:start + size].clone()
+
+    def _jacobi(self, z, x, start):
+        hw, n = self.layout.tokens_per_frame, z.shape[1]
+        while start < n:
+            size = self.opts.first_block if start < hw else self.opts.later_block
+            size = min(size, n - start)
+            limit = self.opts.max_iters or size
+            guess = self._initial_guess(x, z, start, size)
+            first = x[:, start - 1:start] if start else torch.zeros_like(x[:, :1])
+            zc = z[:, start:start + size]
+            iters = 0
+            for iters in range(1, limit + 1):
+                new = self._step(torch.cat([first, guess[:, :-1]], 1), start, zc, commit=False)
+                change = (new - guess).pow(2).mean() / new.pow(2).mean().clamp_min(1e-30)
+                guess = new
+                if change < self.opts.tau:
+                    break
+            # Commit pass: cache keys of exactly the values we keep (one more Jacobi iteration).
+            x[:, start:start + size] = self._step(torch.cat([first, guess[:, :-1]], 1), start, zc, commit=True)
+            self.stats.iterations.append(iters + 1)
+            start += size
+
+
+def invert_block(block: FlowBlock, z: torch.Tensor, layout: SlotLayout, opts: SolverOptions,
+                 text=None, uncond_text=None, prefix=None) -> tuple[torch.Tensor, SolverStats]:
+    inverter = BlockInverter(block, layout, opts, text, uncond_text)
+    x = inverter.run(z, prefix)
+    return x, inverter.stats
