@@ -4,6 +4,10 @@ Megatron-Core modules (even with every parallel size 1) look up their process gr
 ``parallel_state``, so a single CPU process needs a (one-rank, gloo) process group too. Launchers:
 torchrun sets RANK/WORLD_SIZE/MASTER_ADDR; SLURM/submitit set SLURM_PROCID/SLURM_NTASKS; a plain
 ``python`` call gets a one-rank group on a free local port.
+
+``validate_parallel(cfg, world_size)`` checks, before anything is built, that the parallel sizes
+divide what they must divide, and names the offending key. Data parallelism is derived:
+``dp = world / (tp * pp * cp)`` (an explicit ``parallel.dp`` must agree).
 """
 
 from __future__ import annotations
@@ -13,6 +17,17 @@ import socket
 
 import torch
 import torch.distributed as dist
+
+from megatron_starflow.config import Config, ConfigError
+
+# Sequence parallelism is a property of the TP groups' use, not of parallel_state (megatron keeps
+# it in each TransformerConfig); we record it here so every TransformerStack built afterwards reads
+# the same setting without threading a flag through the model constructors.
+_SEQUENCE_PARALLEL = False
+
+# Latent-grid factors of the Wan2.2 VAE (16x spatial, 4x temporal): used only to validate sequence
+# lengths before the codec (and its weights) are loaded.
+_WAN_SPATIAL, _WAN_TEMPORAL = 16, 4
 
 
 def _free_port() -> int:
@@ -30,8 +45,86 @@ def _rank_and_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str | None = None) -> None:
+# ------------------------------------------------------------------------------ validation
+
+def latent_grid(cfg: Config) -> tuple[int, int, int]:
+    """(frames, height, width) of the token grid the model sees for the configured clips."""
+    d, p = cfg.data, cfg.model.patch_size
+    if d.codec == "s2d":
+        return d.frames // d.s2d_frames, d.height // (d.s2d_patch * p), d.width // (d.s2d_patch * p)
+    return 1 + (d.frames - 1) // _WAN_TEMPORAL, d.height // (_WAN_SPATIAL * p), d.width // (_WAN_SPATIAL * p)
+
+
+def derive_dp(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tp * p.pp * p.cp)
+
+
+def validate_parallel(cfg: Config, world_size: int) -> int:
+    """Raise ``ConfigError`` (a ValueError) naming the key when a parallel size does not divide what
+    it shards; return the derived data-parallel size."""
+    m, p = cfg.model, cfg.parallel
+    for key in ("tp", "pp", "vpp", "cp"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * parallel.pp * "
+                          f"parallel.cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel}; change the parallel "
+                          f"sizes or the number of processes")
+    dp = world_size // model_parallel
+    if p.dp not in (-1, dp):
+        raise ConfigError(f"parallel.dp={p.dp} but world size {world_size} / (tp*pp*cp = "
+                          f"{model_parallel}) = {dp}; set parallel.dp=-1 to derive it")
+    if p.cp != 1:
+        raise ConfigError("parallel.cp > 1: megatron's context parallelism needs Transformer Engine "
+                          "attention, which this model's SDPA core attention does not use; set "
+                          "parallel.cp=1")
+    if p.sp and p.tp == 1:
+        raise ConfigError("parallel.sp=true needs parallel.tp > 1 (sequence parallelism splits the "
+                          "sequence over the tensor-parallel group)")
+    stacks = {"model.shallow_width": m.shallow_width, "model.deep_width": m.deep_width}
+    if m.use_denoiser:
+        stacks["model.denoiser_width"] = m.resolved_denoiser_width
+    for key, width in stacks.items():
+        if width % m.head_dim:
+            raise ConfigError(f"{key}={width} is not divisible by model.head_dim={m.head_dim}")
+        heads = width // m.head_dim
+        if heads % p.tp:
+            raise ConfigError(f"{key}={width} / model.head_dim={m.head_dim} = {heads} attention heads "
+                              f"is not divisible by parallel.tp={p.tp} (each TP rank owns whole heads)")
+        if (m.mlp_ratio * width) % p.tp:
+            raise ConfigError(f"MLP width model.mlp_ratio * {key} = {m.mlp_ratio * width} is not "
+                              f"divisible by parallel.tp={p.tp}")
+    if p.sp:
+        t, h, w = latent_grid(cfg)
+        lengths = {"shallow blocks (tokens per frame = latent height * width)": h * w,
+                   "deep block (model.text_length + tokens of the clip)": m.text_length + t * h * w}
+        if m.use_denoiser:
+            lengths["denoiser (model.text_length + tokens of the clip)"] = m.text_length + t * h * w
+        for what, length in lengths.items():
+            if length % p.tp:
+                raise ConfigError(f"parallel.sp=true: the sequence of the {what} is {length} tokens, "
+                                  f"not divisible by parallel.tp={p.tp}; change data.height/width/"
+                                  f"frames or model.text_length, or set parallel.sp=false")
+    if p.pp > 1 and m.num_blocks < p.pp:
+        raise ConfigError(f"model.num_blocks={m.num_blocks} flow blocks cannot fill parallel.pp={p.pp} "
+                          f"pipeline stages (stages own whole flow blocks)")
+    if p.vpp > 1:
+        if p.pp == 1:
+            raise ConfigError("parallel.vpp > 1 needs parallel.pp > 1")
+        if m.num_blocks < p.pp * p.vpp:
+            raise ConfigError(f"model.num_blocks={m.num_blocks} flow blocks cannot fill parallel.pp * "
+                              f"parallel.vpp = {p.pp * p.vpp} virtual pipeline stages")
+    return dp
+
+
+# ------------------------------------------------------------------------------ initialisation
+
+def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str | None = None,
+               sp: bool = False) -> None:
     """Idempotent: set up the default process group and megatron's model-parallel groups."""
+    global _SEQUENCE_PARALLEL
     from megatron.core import parallel_state
 
     from megatron_starflow.parallel import cpu_backend
@@ -51,6 +144,9 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str
         raise ValueError(f"world size {world} is not divisible by parallel.tp * parallel.pp * "
                          f"parallel.cp = {tp}*{pp}*{cp}; change the parallel sizes or the number "
                          f"of processes")
+    if sp and tp == 1:
+        raise ValueError("parallel.sp=true needs parallel.tp > 1")
+    _SEQUENCE_PARALLEL = bool(sp)
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size() == tp
                 and parallel_state.get_pipeline_model_parallel_world_size() == pp):
@@ -64,6 +160,30 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str
     )
 
 
+def initialize_from_config(cfg: Config, backend: str | None = None) -> int:
+    """Validate ``cfg.parallel`` against the launcher's world size, initialise, return dp."""
+    world = dist.get_world_size() if dist.is_initialized() else _rank_and_world()[1]
+    dp = validate_parallel(cfg, world)
+    p = cfg.parallel
+    initialize(p.tp, p.pp, p.vpp, p.cp, backend, sp=p.sp)
+    return dp
+
+
 def ensure_single_process() -> None:
     """What a plain one-process CPU run (tests, tools) calls before building a model."""
     initialize(1, 1, 1, 1)
+
+
+# ------------------------------------------------------------------------------ queries
+
+def tensor_parallel_size() -> int:
+    """TP size the next TransformerStack is built with (1 when megatron is not initialised)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def sequence_parallel_enabled() -> bool:
+    return _SEQUENCE_PARALLEL and tensor_parallel_size() > 1

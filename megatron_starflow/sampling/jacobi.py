@@ -3,9 +3,10 @@
 Jacobi (METHOD.md section 5): for a chunk of S tokens whose past is in the KV cache, iterate
 x^{k+1} = b(x^k) + sigma(x^k) * z over the whole chunk in one parallel pass. Causality makes token
 P+k exact after k+1 iterations, so the chunk is exact after at most S iterations; we stop earlier
-when ||x^{k+1} - x^k||^2 / ||x^{k+1}||^2 < tau. The converged chunk is then committed to the cache
-by one more pass whose output is the final value (so the cache always holds exactly the keys of
-the returned values). Video-aware initialisation starts a chunk inside frame n > 0 from the values
+when ||x^{k+1} - x^k||^2 / ||x^{k+1}||^2 < tau. The chunk is then committed to the cache by one more
+pass, which is itself the last iteration (S passes in all without early stop): its keys come from
+the previous iterate and its outputs are the returned values; the two agree once converged, so
+with tau = 0 both the cache and the result are exact. Video-aware initialisation starts a chunk inside frame n > 0 from the values
 at the same in-frame positions of frame n-1, which is where consecutive frames agree.
 
 With guidance, the batch holds [conditional; unconditional] copies that share one history (the
@@ -31,7 +32,7 @@ class SolverOptions:
     first_block: int = 16  # Jacobi chunk size inside frame 0
     later_block: int = 64  # ... and afterwards (the reference: 32, then 4x larger)
     tau: float = 1e-3
-    max_iters: int = 0  # 0 = chunk size (exact)
+    max_iters: int = 0  # iterations before the commit pass; 0 = chunk size - 1 (exact)
     video_aware: bool = True
     guidance: float = 0.0
 
@@ -112,7 +113,11 @@ class BlockInverter:
     def _initial_guess(self, x, z, start, size):
         hw = self.layout.tokens_per_frame
         if self.opts.video_aware and start >= hw:
-            return x[:, start - hw:start - hw + size].clone()
+            # Same in-frame position in the latest solved frame; a chunk longer than what is
+            # solved before it (size > hw) wraps around to that frame again instead of reading
+            # unsolved slots.
+            index = start - hw + torch.arange(size, device=x.device) % hw
+            return x[:, index].clone()
         return z[:, start:start + size].clone()
 
     def _jacobi(self, z, x, start):
@@ -120,7 +125,9 @@ class BlockInverter:
         while start < n:
             size = self.opts.first_block if start < hw else self.opts.later_block
             size = min(size, n - start)
-            limit = self.opts.max_iters or size
+            # The commit pass below is itself an iteration, so size - 1 iterations before it make
+            # every token exact (S network passes per chunk in all).
+            limit = self.opts.max_iters or size - 1
             guess = self._initial_guess(x, z, start, size)
             first = x[:, start - 1:start] if start else torch.zeros_like(x[:, :1])
             zc = z[:, start:start + size]

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Benchmarks of megatron_starflow, one subcommand each; every run prints one JSON object.
+
+    python tools/benchmark.py sampling --checkpoint runs/tiny [--prompts 2] [--seed 0]
+                                       [--tau 1e-3] [--block-size 16 64]
+
+``sampling`` loads a checkpoint and generates the same T2V batch (same prompts, same noise) three
+ways: (a) sequential, KV-cached, token by token; (b) plain block Jacobi (chunks start from z);
+(c) video-aware Jacobi (chunks in frame n > 0 start from frame n-1). It reports, per method, the
+wall seconds, the deep and shallow network evaluations and the largest absolute difference to
+the sequential result, both of the tokens before denoising (``Generation.tokens``) and of the
+uint8 video, plus the speed-up of each method over the sequential one.
+
+New benchmarks (``data``, ``train``, ...) are added as one ``cmd_<name>`` function and one
+``add_parser`` block in ``build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+# Method name -> (solver, video_aware), in the order they run; the first one is the reference.
+SAMPLING_METHODS = {
+    "sequential": ("sequential", False),
+    "jacobi": ("jacobi", False),
+    "jacobi_video_aware": ("jacobi", True),
+}
+
+
+def _prompts(count: int) -> list[str]:
+    """``count`` captions of the synthetic held-out split (deterministic)."""
+    from megatron_starflow.data.synthetic import all_captions
+
+    if count < 1:
+        raise ValueError(f"--prompts must be >= 1, got {count}")
+    return all_captions("heldout", count)
+
+
+def _max_abs(a, b) -> float:
+    return float((a.double() - b.double()).abs().max().item()) if a.numel() else 0.0
+
+
+def run_sampling_benchmark(checkpoint: str, prompts: int = 2, seed: int = 0, tau: float = 1e-3,
+                           block_size: tuple[int, ...] = (16, 64), frames: int = 0,
+                           guidance: float = 0.0, warmup: int = 1, repeats: int = 1,
+                           threads: int = 0) -> dict:
+    """Sequential vs plain Jacobi vs video-aware Jacobi on one checkpoint -> a JSON-ready dict."""
+    import torch
+
+    from megatron_starflow.cli import load_system
+    from megatron_starflow.sampling.generate import generate
+    from megatron_starflow.sampling.jacobi import SolverOptions
+
+    if not block_size or len(block_size) > 2 or min(block_size) < 1:
+        raise ValueError(f"--block-size takes one or two sizes >= 1 (first frame, later frames), "
+                         f"got {list(block_size)}")
+    if tau < 0:
+        raise ValueError(f"--tau must be >= 0, got {tau}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    if threads:
+        torch.set_num_threads(threads)
+    first, later = block_size[0], block_size[-1]
+    system, step, step_dir = load_system(checkpoint)
+    captions = _prompts(prompts)
+    frames = frames or system.cfg.data.frames
+
+    def options(solver: str, video_aware: bool) -> SolverOptions:
+        return SolverOptions(solver=solver, first_block=first, later_block=later, tau=tau,
+                             video_aware=video_aware, guidance=guidance)
+
+    for _ in range(warmup):  # first-call costs (allocator, kernels, cached RoPE tables)
+        generate(system, captions[:1], frames, seed, options("jacobi", True))
+
+    results, outputs = {}, {}
+    for name, (solver, video_aware) in SAMPLING_METHODS.items():
+        best, out = None, None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = generate(system, captions, frames, seed, options(solver, video_aware))
+            seconds = time.perf_counter() - t0
+            best = seconds if best is None else min(best, seconds)
+        outputs[name] = out
+        results[name] = {
+            "seconds": best,
+            "invert_seconds": out.seconds.get("invert"),
+            "deep_network_evals": out.deep.network_evals,
+            "shallow_network_evals": out.shallow.network_evals,
+            "deep_token_evals": out.deep.token_evals,
+            "deep_jacobi_iterations": out.deep.iterations,
+        }
+    reference = outputs["sequential"]
+    for name, out in outputs.items():
+        results[name]["max_abs_token_diff"] = _max_abs(out.tokens, reference.tokens)
+        results[name]["max_abs_video_diff"] = int(round(_max_abs(out.video, reference.video)))
+    seq = results["sequential"]
+    t, h, w, c = reference.tokens.shape[1:]
+    return {
+        "benchmark": "sampling",
+        "checkpoint": step_dir,
+        "step": step,
+        "prompts": len(captions),
+        "seed": seed,
+        "frames": frames,
+        "token_grid": [t, h, w, c],
+        "tau": tau,
+        "block_size": [first, later],
+        "guidance": guidance,
+        "dtype": str(system.dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "methods": results,
+        "speedup_vs_sequential": {name: seq["seconds"] / max(r["seconds"], 1e-12)
+                                  for name, r in results.items() if name != "sequential"},
+        "deep_eval_ratio_vs_sequential": {
+            name: seq["deep_network_evals"] / max(r["deep_network_evals"], 1)
+            for name, r in results.items() if name != "sequential"},
+    }
+
+
+def cmd_sampling(args) -> int:
+    result = run_sampling_benchmark(args.checkpoint, args.prompts, args.seed, args.tau,
+                                    tuple(args.block_size), args.frames, args.cfg, args.warmup,
+                                    args.repeats, args.threads)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tools/benchmark.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sa = sub.add_parser("sampling", help="sequential vs Jacobi vs video-aware Jacobi inversion")
+    sa.add_argument("--checkpoint", required=True, help="run, checkpoints or step folder")
+    sa.add_argument("--prompts", type=int, default=2, help="batch of synthetic held-out captions")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--tau", type=float, default=1e-3, help="Jacobi early-stop tolerance")
+    sa.add_argument("--block-size", type=int, nargs="+", default=[16, 64], metavar="A",
+                    help="Jacobi chunk sizes: first frame [, later frames]")
+    sa.add_argument("--frames", type=int, default=0, help="pixel frames (default: training length)")
+    sa.add_argument("--cfg", type=float, default=0.0, help="guidance weight w")
+    sa.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations")
+    sa.add_argument("--repeats", type=int, default=1, help="timed runs per method (min is kept)")
+    sa.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    sa.set_defaults(func=cmd_sampling)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_starflow.cli import _quiet_warnings
+
+    _quiet_warnings()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
