@@ -104,7 +104,8 @@ def cmd_sample(args) -> int:
     system, step, _ = load_system(args.checkpoint)
     opts = SolverOptions(solver=args.solver, first_block=args.block_size[0],
                          later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)
-    out = generate(system, prompts, args.frames, args.seed, opts, prefix)
+    out = generate(system, prompts, args.frames, args.seed, opts, prefix,
+                   context_frames=args.long_context)
     video = out.video.numpy()
     fps = system.cfg.data.fps
     up = auto_upscale(video.shape[2])
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--video", help="v2v: conditioning video")
     sa.add_argument("--context-frames", type=int, default=0, help="v2v: frames of --video to keep")
     sa.add_argument("--frames", type=int, default=0, help="pixel frames to generate (default: training length)")
+    sa.add_argument("--long-context", type=int, default=0,
+                    help="videos longer than training: latent frames re-encoded per window (default 3/4)")
     sa.add_argument("--cfg", type=float, default=0.0, help="guidance weight w")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--solver", choices=["sequential", "jacobi"], default="jacobi")

@@ -5,6 +5,14 @@ Every stack of the model (shallow blocks, deep block, denoiser) is a megatron-co
 as in the authors' blocks. The layers come from a spec, so the parallel issue swaps in Transformer
 Engine layers or sets TP/SP sizes without touching the model code.
 
+Tensor and sequence parallelism (megatron's ColumnParallel/RowParallel linears, heads split over
+the TP group) are read from ``parallel.state`` when a stack is built: under TP each rank holds
+heads/tp heads (and its KV cache holds keys of those heads only); under SP the [S, B, W]
+activations between layers are split along S, so the stack scatters its input before the block and
+gathers after it. Everything outside the stacks (flow heads, sos, final norm, text projections)
+stays replicated: they are tiny next to the stacks (< 0.3 % of the 7 B preset), and replicated
+heads keep the flow's log-det and loss computation local to every rank.
+
 Core attention is our own (``SDPACoreAttention``): torch's scaled-dot-product attention with an
 arbitrary boolean mask, which runs on CPU and GPU, and which can read and extend a KV cache. The
 cache lives here (and not in megatron's inference context) because inverting a flow needs two
@@ -26,13 +34,14 @@ def _megatron():
     # Imported lazily: megatron-core prints warnings on import and the config module must stay light.
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel.mappings import (
+        gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region)
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -110,6 +119,21 @@ def sdpa_core_attention():
     return _SDPA
 
 
+class StackLayerNorm:
+    """``torch.nn.LayerNorm`` built from a megatron config, as megatron's ``WrappedTorchNorm``, but
+    usable with sequence parallelism: WrappedTorchNorm refuses ``sequence_parallel``. Under SP each
+    TP rank normalises only its slice of the sequence, so its weight/bias grads are partial sums;
+    the ``sequence_parallel`` attribute is how megatron's ``finalize_model_grads`` (and our
+    ``parallel.grads.allreduce_sequence_parallel_grads``) find the params to all-reduce over TP.
+    Parameter names (weight, bias) are those of WrappedTorchNorm, so checkpoints are unchanged."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        norm = nn.LayerNorm(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = bool(config.sequence_parallel)
+        return norm
+
+
 def local_layer_spec():
     """Pure-torch megatron layer: what a CPU run (and the default GPU run) builds."""
     mc = _megatron()
@@ -117,7 +141,7 @@ def local_layer_spec():
     return ModuleSpec(
         module=mc["TransformerLayer"],
         submodules=mc["TransformerLayerSubmodules"](
-            input_layernorm=mc["WrappedTorchNorm"],
+            input_layernorm=StackLayerNorm,
             self_attention=ModuleSpec(
                 module=mc["SelfAttention"],
                 params={"attn_mask_type": mc["AttnMaskType"].arbitrary},
@@ -130,7 +154,7 @@ def local_layer_spec():
                 ),
             ),
             self_attn_bda=mc["get_bias_dropout_add"],
-            pre_mlp_layernorm=mc["WrappedTorchNorm"],
+            pre_mlp_layernorm=StackLayerNorm,
             mlp=ModuleSpec(module=mc["MLP"], submodules=mc["MLPSubmodules"](
                 linear_fc1=mc["ColumnParallelLinear"], linear_fc2=mc["RowParallelLinear"])),
             mlp_bda=mc["get_bias_dropout_add"],
@@ -163,15 +187,31 @@ def transformer_config(width: int, layers: int, head_dim: int, mlp_ratio: int, i
 
 
 class TransformerStack(nn.Module):
-    """A megatron TransformerBlock behind a batch-first interface with boolean masks and RoPE."""
+    """A megatron TransformerBlock behind a batch-first interface with boolean masks and RoPE.
+
+    ``tp`` / ``sp`` default to what ``parallel.state.initialize`` set up (1 / False in a plain
+    one-process run). The stack's megatron config keeps ``pipeline_model_parallel_size = 1`` even
+    when the model is pipelined: our pipeline stages own whole flow blocks (``parallel.pipeline``),
+    so megatron must neither split this block's layers again nor offset their numbers."""
 
     def __init__(self, width: int, layers: int, head_dim: int, mlp_ratio: int = 4,
-                 init_std: float = 0.02, recompute: bool = False, spec: str = "local"):
+                 init_std: float = 0.02, recompute: bool = False, spec: str = "local",
+                 tp: int | None = None, sp: bool | None = None):
         super().__init__()
         if spec not in LAYER_SPECS:
             raise ValueError(f"parallel.spec={spec!r} is not available; valid: {', '.join(LAYER_SPECS)}")
+        from megatron_starflow.parallel import state
+
+        tp = state.tensor_parallel_size() if tp is None else tp
+        sp = state.sequence_parallel_enabled() if sp is None else sp
+        heads = width // head_dim
+        if heads % tp:
+            raise ValueError(f"width {width} / head_dim {head_dim} = {heads} heads is not divisible "
+                             f"by parallel.tp={tp}")
         mc = _megatron()
-        self.config = transformer_config(width, layers, head_dim, mlp_ratio, init_std, recompute)
+        self.config = transformer_config(width, layers, head_dim, mlp_ratio, init_std, recompute,
+                                         tp=tp, sp=bool(sp and tp > 1))
+        self.tp, self.sp = tp, self.config.sequence_parallel
         layer = LAYER_SPECS[spec]()
         self.block = mc["TransformerBlock"](
             self.config, mc["TransformerBlockSubmodules"](layer_specs=[layer] * layers),
@@ -193,6 +233,22 @@ class TransformerStack(nn.Module):
             for m in modules:
                 m.cache_state = None
 
+    def _pad_for_sp(self, x, mask, freqs):
+        """Pad the sequence to a multiple of tp for sequence parallelism. Pad slots come last:
+        no real query may attend to them (their mask columns are False), they may attend to
+        everything (a fully masked row would make SDPA return NaN), their outputs are dropped."""
+        pad = (-x.shape[0]) % self.tp
+        if not pad:
+            return x, mask, freqs, 0
+        s, past = x.shape[0], mask.shape[-1] - x.shape[0]
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+        freqs = torch.cat([freqs, freqs.new_zeros(pad, *freqs.shape[1:])])
+        full = torch.zeros(*mask.shape[:-2], s + pad, past + s + pad, dtype=torch.bool,
+                           device=mask.device)
+        full[..., :s, :past + s] = mask  # megatron convention: True = masked out
+        full[..., :s, past + s:] = True
+        return x, full, freqs, pad
+
     def forward(self, hidden: torch.Tensor, allowed: torch.Tensor, angles: torch.Tensor,
                 cache: KVCache | None = None, commit: bool = False) -> torch.Tensor:
         """``hidden`` [B, S, W]; ``allowed`` [S, S_past + S] (True = attend); ``angles`` [S, d] RoPE
@@ -201,8 +257,26 @@ class TransformerStack(nn.Module):
         x = hidden.transpose(0, 1).contiguous()
         mask = ~allowed.reshape(1, 1, *allowed.shape[-2:]) if allowed.dim() == 2 else ~allowed
         freqs = angles.to(x.dtype)[:, None, None, :]
+        if not self.sp:
+            with self._cached(cache, commit):
+                out = self.block(x, mask, rotary_pos_emb=freqs)
+            return out.transpose(0, 1)
+        mc = _megatron()
+        cached_before = 0 if cache is None else len(cache)
+        x, mask, freqs, pad = self._pad_for_sp(x, mask, freqs)
+        # Forward: keep this rank's S/tp rows; backward: all-gather the row grads. Inside the block
+        # the column-parallel linears all-gather the rows again, so q, k, v (and RoPE, mask and the
+        # KV cache) cover the whole (padded) sequence.
+        x = mc["scatter_to_sequence_parallel_region"](x)
         with self._cached(cache, commit):
             out = self.block(x, mask, rotary_pos_emb=freqs)
+        # The flow heads after the stack are replicated: every rank computes the same full grad, so
+        # the backward of this gather must split it (not reduce-scatter it).
+        out = mc["gather_from_sequence_parallel_region"](out, tensor_parallel_output_grad=False)
+        if pad:
+            out = out[:-pad]
+            if cache is not None and commit:
+                cache.truncate(cached_before + out.shape[0])
         return out.transpose(0, 1)
 
 

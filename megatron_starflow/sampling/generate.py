@@ -45,9 +45,10 @@ def check_prompts(captions: list[str]) -> None:
 @torch.no_grad()
 def generate(system: StarFlowSystem, captions: list[str], frames: int | None = None, seed: int = 0,
              opts: SolverOptions | None = None, prefix_video: torch.Tensor | None = None,
-             denoise: bool = True, temperature: float = 1.0) -> Generation:
-    """``frames`` in pixel frames (default: the training length); ``prefix_video`` uint8
-    ``[B or 1, F, H, W, 3]`` for I2V (F = 1) and V2V."""
+             denoise: bool = True, temperature: float = 1.0, context_frames: int = 0) -> Generation:
+    """``frames`` in pixel frames (default: the training length; more makes a long video with
+    the sliding window, re-encoding ``context_frames`` latent frames per segment);
+    ``prefix_video`` uint8 ``[B or 1, F, H, W, 3]`` for I2V (F = 1) and V2V."""
     check_prompts(captions)
     opts = opts or SolverOptions()
     model, cfg = system.model, system.cfg
@@ -72,14 +73,65 @@ def generate(system: StarFlowSystem, captions: list[str], frames: int | None = N
         prefix_u = prefix_u.reshape(b, given * hw, c)
     times["encode"] = time.time() - t0
 
-    deep = BlockInverter(model.deep_block, model.deep_layout(t, h, w), opts, text, uncond)
-    u = deep.run(z.reshape(b, t * hw, c), prefix_u).reshape(b, t, h, w, c)
+    train_t = _token_grid(system, cfg.data.frames)[0]
+    u, deep_stats = deep_inverse(model, z.reshape(b, t * hw, c), (t, h, w), opts, text, uncond,
+                                 prefix_u, train_t, context_frames)
+    x, shallow_stats = shallow_inverse(model, u[:, given * hw:].reshape(b * (t - given), hw, c), h, w, opts)
+    x = x.reshape(b, t - given, h, w, c)
+    if given:
+        x = torch.cat([prefix_tokens, x], dim=1)
+    times["invert"] = time.time() - t0 - times["encode"]
+    tokens = x
+    if denoise and model.learnable_self_denoiser is not None:
+        x = windowed_denoise(model, x, text, train_t)
+    video = system.tokens_to_video(x)
+    if prefix_video is not None:
+        video[:, :prefix_video.shape[1]] = prefix_video.expand(b, -1, -1, -1, -1)
+    times["total"] = time.time() - t0
+    return Generation(video, tokens, deep_stats, shallow_stats, times)
 
-    # Shallow blocks: every new frame is an independent one-frame sequence, all in one batch.
+
+def deep_inverse(model, z, grid, opts, text, uncond, prefix_u, train_t, context_frames=0):
+    """Deep block: noise -> u for all frames. Up to the training length in one pass; beyond it
+    (long videos), segment by segment: a fresh cache is re-encoded from the text and the last
+    ``context_frames`` frames (positions restart at slot 0, as in the reference), then the next
+    ``train_t - context_frames`` frames are sampled."""
+    t, h, w = grid
+    hw = h * w
+    if t <= train_t:
+        inv = BlockInverter(model.deep_block, model.deep_layout(t, h, w), opts, text, uncond)
+        return inv.run(z, prefix_u), inv.stats
+    context = context_frames or max(1, train_t - max(1, train_t // 4))
+    if not 0 < context < train_t:
+        raise ValueError(f"context frames {context} must be between 1 and the training length "
+                         f"{train_t - 1} latent frames")
+    layout = model.deep_layout(train_t, h, w)
+    stats = SolverStats()
+    u = torch.zeros_like(z)
+    done, prefix = 0, prefix_u
+    if prefix is not None:  # given frames (I2V / V2V) open the first segment
+        done = prefix.shape[1] // hw
+        u[:, :prefix.shape[1]] = prefix
+    while done < t:
+        given = 0 if prefix is None else prefix.shape[1] // hw
+        span = min(train_t, given + (t - done))
+        inv = BlockInverter(model.deep_block, layout, opts, text, uncond)
+        seg = inv.run(z[:, (done - given) * hw:(done - given + span) * hw], prefix)
+        new = seg[:, given * hw:]
+        u[:, done * hw:done * hw + new.shape[1]] = new
+        done += new.shape[1] // hw
+        stats.merge(inv.stats)
+        keep = min(context, done)
+        prefix = u[:, (done - keep) * hw:done * hw]
+    return u, stats
+
+
+def shallow_inverse(model, x, h, w, opts):
+    """Shallow blocks, last to first: every frame is an independent one-frame sequence, and all
+    frames of the batch are inverted at once."""
     shallow_opts = SolverOptions(opts.solver, opts.first_block, opts.first_block, opts.tau,
                                  opts.max_iters, video_aware=False)
-    shallow_stats = SolverStats()
-    x = u[:, given:].reshape(b * (t - given), h * w, c)
+    stats = SolverStats()
     for i in reversed(range(len(model.blocks) - 1)):
         if model.reverses(i):
             x = x.flip(1)
@@ -87,19 +139,29 @@ def generate(system: StarFlowSystem, captions: list[str], frames: int | None = N
         x = inv.run(x)
         if model.reverses(i):
             x = x.flip(1)
-        shallow_stats.merge(inv.stats)
-    x = x.reshape(b, t - given, h, w, c)
-    if given:
-        x = torch.cat([prefix_tokens, x], dim=1)
-    times["invert"] = time.time() - t0 - times["encode"]
-    tokens = x
-    if denoise and model.learnable_self_denoiser is not None:
-        x = model.denoise(x, text)
-    video = system.tokens_to_video(x)
-    if prefix_video is not None:
-        video[:, :prefix_video.shape[1]] = prefix_video.expand(b, -1, -1, -1, -1)
-    times["total"] = time.time() - t0
-    return Generation(video, tokens, deep.stats, shallow_stats, times)
+        stats.merge(inv.stats)
+    return x, stats
+
+
+def windowed_denoise(model, x, text, train_t):
+    """Tweedie step with the FSM denoiser. Up to the training length in one pass (its mask gives
+    frame n at most one frame of look-ahead, so this equals frame-by-frame streaming with one
+    frame of latency); longer videos in overlapping chunks of the training length, keeping from
+    each chunk the frames that had their look-ahead frame and enough look-back."""
+    t = x.shape[1]
+    if t <= train_t:
+        return model.denoise(x, text)
+    overlap = min(model.cfg.denoiser_window, train_t // 2)
+    out = torch.empty_like(x)
+    start, filled = 0, 0
+    while filled < t:
+        end = min(t, start + train_t)
+        chunk = model.denoise(x[:, start:end], text)
+        last = end if end == t else end - 1  # the chunk's final frame lacks its look-ahead
+        out[:, filled:last] = chunk[:, filled - start:last - start]
+        filled = last
+        start = max(start + 1, last - overlap)
+    return out
 
 
 def prepare_prefix(system: StarFlowSystem, video: torch.Tensor, batch: int, frames: int,
