@@ -196,6 +196,9 @@ def test_reverses_pattern(make_model):
     assert [model.reverses(i) for i in range(6)] == [True, False, True, False, True, False]
     assert [make_model(num_blocks=6, reverse_even_blocks=False).reverses(i)
             for i in range(6)] == [False] * 6
+    # the deep block keeps the raster order whatever its index
+    assert [make_model(num_blocks=3).reverses(i) for i in range(3)] == [True, False, False]
+    assert make_model(num_blocks=1).reverses(0) is False
 
 
 def _denoiser_dependence(model, t, seed):

@@ -11,6 +11,16 @@ package imports these patches). What megatron-core 0.16 assumes and what we subs
   forks are only used for dropout inside tensor-parallel regions. We keep a CPU state per tracker
   name so ``fork()`` still gives reproducible, rank-dependent streams.
 
+* ``GlobalMemoryBuffer.get_tensor`` (the scratch buffer that sequence parallelism all-gathers into,
+  in ``ColumnParallelLinear`` and the SP mappings) allocates on ``torch.cuda.current_device()``; we
+  allocate the same buffer on CPU.
+
+Not patched, because they are CUDA-only by design in megatron-core 0.16 and we do not fake CUDA:
+megatron's ``DistributedDataParallel`` allocates its grad buffers with
+``device=torch.cuda.current_device()``, and the ``DistributedOptimizer`` accepts only
+``torch.cuda.*Tensor`` parameters (a TypeError otherwise). CPU runs use ``parallel.grads`` for the
+same reductions (and torch's ZeroRedundancyOptimizer where a sharded optimizer is wanted).
+
 Weights are initialised on CPU by ``TransformerConfig(use_cpu_initialization=True)``, which the
 model sets whenever CUDA is absent; core attention is our own SDPA module (no TE, no fused kernels).
 """
@@ -61,6 +71,19 @@ def install() -> None:
             finally:
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(outer)
+
+    from megatron.core import utils as mutils
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        numel = 1
+        for size in tensor_shape:
+            numel *= size
+        buf = self.buffer.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self.buffer[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(*tensor_shape)
+
+    mutils.GlobalMemoryBuffer.get_tensor = get_tensor
 
     mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

@@ -122,8 +122,10 @@ def validate_parallel(cfg: Config, world_size: int) -> int:
 # ------------------------------------------------------------------------------ initialisation
 
 def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str | None = None,
-               sp: bool = False) -> None:
-    """Idempotent: set up the default process group and megatron's model-parallel groups."""
+               sp: bool = False, seed: int = 1234) -> None:
+    """Idempotent: set up the default process group and megatron's model-parallel groups, and
+    seed megatron's RNG tracker (its forks are entered by every TransformerBlock under SP; they
+    only drive dropout, which this model does not use, and leave the default generator alone)."""
     global _SEQUENCE_PARALLEL
     from megatron.core import parallel_state
 
@@ -158,6 +160,9 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         context_parallel_size=cp,
     )
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(seed)
 
 
 def initialize_from_config(cfg: Config, backend: str | None = None) -> int:

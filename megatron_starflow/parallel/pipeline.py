@@ -1,0 +1,196 @@
+"""Pipeline parallelism over the chain of flow blocks, with megatron's 1F1B schedule.
+
+A stage owns a contiguous range of whole flow blocks (never part of a block's layers: every
+TransformerStack keeps ``pipeline_model_parallel_size = 1`` in its megatron config, so megatron
+neither splits nor renumbers its layers). What crosses a stage boundary, per sample, is the state
+of the chain: the running tokens u, the running log-det sum, and the per-block conditioning (the
+text embeddings, which only the deep block reads but which must reach it, with their gradient
+flowing back to where they were produced). Megatron's p2p layer sends one tensor of shape
+``[seq_length, micro_batch, hidden]``; we pack the state per sample into a flat vector and send it as
+``[F, b, 1]`` (F = N*C + 1 + L*text_width), so the stock schedule carries it unchanged.
+
+The FSM denoiser lives on stage 0: its target is the gradient of the flow loss w.r.t. the noisy
+input, which exists only once the pipeline backward has reached stage 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_starflow.config import ModelConfig
+from megatron_starflow.models.starflow import StarFlowV
+
+
+def block_costs(cfg: ModelConfig) -> list[float]:
+    """Relative cost of each flow block (parameters ~ layers * width^2)."""
+    shallow = cfg.shallow_layers * cfg.shallow_width**2
+    return [float(shallow)] * (cfg.num_blocks - 1) + [float(cfg.deep_layers * cfg.deep_width**2)]
+
+
+def split_blocks(cfg: ModelConfig, pp: int, split: list[int] | str | None = None) -> list[range]:
+    """Block index ranges of the ``pp`` stages: ``split`` = blocks per stage (e.g. ``"2,1"``), or
+    the contiguous split that minimises the largest stage cost."""
+    n = cfg.num_blocks
+    if isinstance(split, str):
+        split = [int(s) for s in split.split(",") if s.strip()] or None
+    if split:
+        if len(split) != pp or sum(split) != n or min(split) < 1:
+            raise ValueError(f"pipeline split {split} must list {pp} positive block counts that "
+                             f"sum to model.num_blocks={n}")
+    else:
+        if n < pp:
+            raise ValueError(f"model.num_blocks={n} flow blocks cannot fill {pp} pipeline stages")
+        costs = block_costs(cfg)
+        # best[k][i]: (max stage cost, counts) splitting blocks[:i] into k stages.
+        best = {(0, 0): (0.0, [])}
+        for k in range(1, pp + 1):
+            for i in range(k, n - (pp - k) + 1):
+                options = [(max(best[(k - 1, j)][0], sum(costs[j:i])), best[(k - 1, j)][1] + [i - j])
+                           for j in range(k - 1, i) if (k - 1, j) in best]
+                best[(k, i)] = min(options, key=lambda o: o[0])
+        split = best[(pp, n)][1]
+    starts = [sum(split[:s]) for s in range(pp)]
+    return [range(a, a + c) for a, c in zip(starts, split)]
+
+
+def prune_to_stage(model: StarFlowV, blocks: range, first: bool) -> StarFlowV:
+    """Keep only this stage's blocks (others become Identity placeholders so that indices, the
+    reversal rule and state-dict names ``blocks.{i}.*`` stay those of the full model); the denoiser
+    stays on the first stage only."""
+    for i in range(len(model.blocks)):
+        if i not in blocks:
+            model.blocks[i] = nn.Identity()
+    if not first:
+        model.learnable_self_denoiser = None
+    return model
+
+
+@dataclass
+class ChainShape:
+    t: int
+    h: int
+    w: int
+    c: int
+    text_len: int
+    text_width: int
+
+    @property
+    def width(self) -> int:  # F: flat carry per sample
+        return self.t * self.h * self.w * self.c + 1 + self.text_len * self.text_width
+
+    def pack(self, u: torch.Tensor, logdet: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        flat = torch.cat([u.flatten(1), logdet[:, None].to(u.dtype), text.flatten(1).to(u.dtype)], 1)
+        return flat.t().unsqueeze(-1).contiguous()  # [F, b, 1]
+
+    def unpack(self, carry: torch.Tensor):
+        flat = carry.squeeze(-1).t()
+        b, n = flat.shape[0], self.t * self.h * self.w * self.c
+        u = flat[:, :n].reshape(b, self.t, self.h, self.w, self.c)
+        return u, flat[:, n], flat[:, n + 1:].reshape(b, self.text_len, self.text_width)
+
+
+class FlowPipelineStage(nn.Module):
+    """One pipeline stage of StarFlowV, in the form megatron's schedules drive: ``config``
+    (a ModelParallelConfig whose ``hidden_size`` is 1, the carry's last dim), ``set_input_tensor``
+    and a forward from (noisy tokens, text) on stage 0 or from the received carry elsewhere."""
+
+    def __init__(self, model: StarFlowV, blocks: range, stage: int, stages: int,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from megatron.core.model_parallel_config import ModelParallelConfig
+
+        self.model = prune_to_stage(model, blocks, stage == 0)
+        self.block_range, self.stage, self.stages = blocks, stage, stages
+        self.config = ModelParallelConfig(pipeline_model_parallel_size=stages, pipeline_dtype=dtype)
+        self.config.hidden_size = 1  # read by the schedule's tensor-shape helper
+        from megatron.core.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder  # read by the schedule
+        self.input_tensor: torch.Tensor | None = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.stages - 1
+
+    def set_input_tensor(self, tensor) -> None:
+        self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
+
+    def forward(self, shape: ChainShape, noisy: torch.Tensor | None = None,
+                text: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns the packed carry, or on the last stage the per-sample NLL per dim ``[b]``."""
+        m = self.model
+        if self.is_first:
+            u, logdet = noisy, torch.zeros(noisy.shape[0], dtype=noisy.dtype, device=noisy.device)
+        else:
+            u, logdet, text = shape.unpack(self.input_tensor)
+        b = u.shape[0]
+        for i in self.block_range:
+            if i < len(m.blocks) - 1:
+                u, ld = m.shallow_forward(i, u)
+            else:
+                layout = m.deep_layout(shape.t, shape.h, shape.w)
+                z, ld = m.deep_block(u.reshape(b, -1, shape.c), layout, text)
+                u = z.reshape(u.shape)
+            logdet = logdet + ld
+        if not self.is_last:
+            return shape.pack(u, logdet, text)
+        dims = shape.t * shape.h * shape.w * shape.c
+        return 0.5 * u.flatten(1).pow(2).mean(1) - logdet / dims
+
+
+def pipeline_flow_and_fsm_backward(stage: FlowPipelineStage, microbatches: list[dict],
+                                   fsm_weight: float = 1.0) -> dict:
+    """Pipelined counterpart of ``training.losses.flow_and_fsm_backward`` for one global batch
+    split into ``microbatches`` (dicts with ``noisy`` [b,T,H,W,C] and ``text``; every stage needs
+    them only for their shapes except stage 0). Runs megatron's 1F1B schedule for the flow loss,
+    then (stage 0) the denoiser on the target -sigma * grad. Grads accumulate into ``.grad``.
+    Returns ``{"flow": mean loss}`` on the last stage and ``{"fsm": ...}`` on the first."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    first = microbatches[0]
+    _, t, h, w, c = first["noisy"].shape
+    shape = ChainShape(t, h, w, c, first["text"].shape[1], first["text"].shape[2])
+    num = len(microbatches)
+    leaves: list[torch.Tensor] = []
+    data = iter(microbatches)
+
+    def loss_func(nll):
+        loss = nll.mean()
+        return loss, {"flow": loss.detach()}
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        noisy = batch["noisy"].detach().requires_grad_(True) if model.is_first else None
+        if noisy is not None:
+            leaves.append(noisy)
+        return model(shape, noisy, batch["text"]), loss_func
+
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data, model=[stage], num_microbatches=num,
+        seq_length=shape.width, micro_batch_size=first["noisy"].shape[0], forward_only=False)
+    result = {}
+    if stage.is_last:
+        result["flow"] = torch.stack([o["flow"] for o in out]).mean()
+    den = stage.model.learnable_self_denoiser
+    if stage.is_first and den is not None:
+        total_batch = sum(mb["noisy"].shape[0] for mb in microbatches)
+        dims = t * h * w * c
+        fsm_total = 0.0
+        for mb, noisy in zip(microbatches, leaves):
+            # The schedule divided each microbatch's mean loss by num: noisy.grad is the grad of
+            # the global-batch mean, as in the one-process loss.
+            target = (-stage.model.cfg.noise_std * noisy.grad * total_batch * dims).detach()
+            pred = stage.model.denoise_score(noisy.detach(), mb["text"].detach())
+            fsm = F.mse_loss(pred, target)
+            (fsm_weight * fsm / num).backward()
+            fsm_total += fsm.detach() / num
+        result["fsm"] = fsm_total
+    return result
