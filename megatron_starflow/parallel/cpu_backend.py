@@ -11,9 +11,11 @@ package imports these patches). What megatron-core 0.16 assumes and what we subs
   forks are only used for dropout inside tensor-parallel regions. We keep a CPU state per tracker
   name so ``fork()`` still gives reproducible, rank-dependent streams.
 
-* ``GlobalMemoryBuffer.get_tensor`` (the scratch buffer that sequence parallelism all-gathers into,
-  in ``ColumnParallelLinear`` and the SP mappings) allocates on ``torch.cuda.current_device()``; we
-  allocate the same buffer on CPU.
+* Sequence parallelism's scratch tensors (the all-gather buffer ``GlobalMemoryBuffer.get_tensor``,
+  the mappings' gather / reduce-scatter outputs, the reduce-scattered input grad in
+  ``LinearWithGradAccumulationAndAsyncCommunication.backward``) are allocated with
+  ``device=torch.cuda.current_device()``. On a torch without CUDA that call can only raise, so we
+  make it return the CPU device: those allocations then land where every other tensor is.
 
 Not patched, because they are CUDA-only by design in megatron-core 0.16 and we do not fake CUDA:
 megatron's ``DistributedDataParallel`` allocates its grad buffers with
@@ -72,6 +74,7 @@ def install() -> None:
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(outer)
 
+    torch.cuda.current_device = lambda: torch.device("cpu")
     from megatron.core import utils as mutils
 
     def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
