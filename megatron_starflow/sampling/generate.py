@@ -50,6 +50,8 @@ def generate(system: StarFlowSystem, captions: list[str], frames: int | None = N
     the sliding window, re-encoding ``context_frames`` latent frames per segment);
     ``prefix_video`` uint8 ``[B or 1, F, H, W, 3]`` for I2V (F = 1) and V2V."""
     check_prompts(captions)
+    if prefix_video is not None and prefix_video.dim() == 4:  # one clip [F, H, W, 3]
+        prefix_video = prefix_video[None]
     opts = opts or SolverOptions()
     model, cfg = system.model, system.cfg
     system.eval()
