@@ -41,6 +41,13 @@ def cmd_train(args) -> int:
 
 
 def load_system(checkpoint: str):
+    """A training checkpoint (run / checkpoints / step folder) or an inference folder written by
+    ``tools/convert_checkpoint.py export`` / ``tools/import_ml_starflow.py`` -> (system, step, folder)."""
+    from megatron_starflow.convert.inference import is_inference_folder, load_inference_system
+
+    if is_inference_folder(checkpoint):
+        _, system, meta = load_inference_system(checkpoint)
+        return system, int(meta.get("step", 0) or 0), checkpoint
     from megatron_starflow.parallel.state import ensure_single_process
     from megatron_starflow.training.builders import StarFlowSystem
     from megatron_starflow.training.checkpoint import load_checkpoint
@@ -56,12 +63,43 @@ def load_system(checkpoint: str):
 def cmd_eval(args) -> int:
     from megatron_starflow.training.builders import make_datasets
 
+    if getattr(args, "suite", None) == "cpu":
+        return cmd_eval_cpu_suite(args)
     system, step, step_dir = load_system(args.checkpoint)
     data = make_datasets(system.cfg)
     from megatron_starflow.evaluation.likelihood import evaluate
 
     result = evaluate(system, data.heldout, batches=args.batches, batch_size=system.cfg.data.batch_size)
     print(json.dumps({"checkpoint": step_dir, "step": step, **result}, indent=2))
+    return 0
+
+
+def cmd_eval_cpu_suite(args) -> int:
+    """``eval --suite cpu``: the quality report of megatron_starflow/evaluation/report.py."""
+    import torch
+
+    from megatron_starflow.evaluation.report import run_cpu_suite, write_report
+
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    system, step, step_dir = load_system(args.checkpoint)
+    out = args.out
+    if not out:
+        parent = os.path.dirname(step_dir)
+        run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else step_dir
+        out = os.path.join(run_dir, "eval", f"cpu_suite_{os.path.basename(step_dir)}.json")
+    png = args.png or os.path.splitext(out)[0] + ".png"
+    report, images = run_cpu_suite(system, samples=args.samples, guidance=args.cfg, seed=args.seed,
+                                   batches=args.batches)
+    report = {"checkpoint": step_dir, "step": step, "suite": "cpu", **report}
+    report["seconds"]["total"] = round(time.time() - t0, 2)
+    title = f"{step_dir} (step {step}): CPU quality suite"
+    write_report(report, images, out, png, title)
+    print(json.dumps({"checkpoint": step_dir, "step": step, "report": out, "page": png,
+                      "seconds": report["seconds"], **report["summary"]}, indent=2))
     return 0
 
 
@@ -137,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out bits/dim and denoiser PSNR of a checkpoint")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--batches", type=int, default=8)
+    ev.add_argument("--suite", choices=["cpu"], default=None,
+                    help="cpu: also prompt adherence, temporal consistency, I2V/V2V, long-video "
+                         "drift, denoiser PSNR/SSIM, per-frame bits/dim -> JSON report + PNG page")
+    ev.add_argument("--samples", type=int, default=16, help="suite: T2V samples (held-out captions)")
+    ev.add_argument("--cfg", type=float, default=1.0, help="suite: guidance weight w")
+    ev.add_argument("--seed", type=int, default=0, help="suite: sampling seed")
+    ev.add_argument("--threads", type=int, default=0, help="suite: torch threads (0: torch's default)")
+    ev.add_argument("--out", help="suite: report JSON (default RUN/eval/cpu_suite_STEP.json)")
+    ev.add_argument("--png", help="suite: page PNG (default: the report path with .png)")
     ev.set_defaults(func=cmd_eval)
     sa = sub.add_parser("sample", help="write videos from a checkpoint")
     sa.add_argument("--checkpoint", required=True)

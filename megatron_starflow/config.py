@@ -78,7 +78,7 @@ class TextConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic
+    source: str = "synthetic"  # synthetic (in-memory clips) | shards (tar shards of video files / latents)
     frames: int = 8
     height: int = 16
     width: int = 16
@@ -91,6 +91,20 @@ class DataConfig:
     s2d_patch: int = 2
     s2d_frames: int = 1
     num_workers: int = 0
+    # Latent frames 1.. are multiplied by this after encoding and divided by it before decoding
+    # (frame 0 is left alone): the authors' Wan2.2 setting "vae: ...:0.6" (docs/reference_facts.md
+    # section 7). 1.0 = off.
+    later_frames_scale: float = 1.0
+    # source=shards (megatron_starflow/data/video.py; make shards with tools/prepare_data.py)
+    shards: str = ""  # training shards: a folder of *.tar, a glob, or a comma-separated list
+    heldout_shards: str = ""  # "" = evaluate on the synthetic held-out split
+    video_backend: str = "auto"  # auto (DALI where it can decode the codec, else PyAV) | dali | pyav
+    sample_fps: float = 0.0  # resample clips to this frame rate (0 = the file's own rate)
+    frame_stride: int = 1  # take every n-th frame (at sample_fps)
+    crop: str = "center"  # center | random (after resizing to cover height x width)
+    clip_start: str = "random"  # random | first (first frame of the clip in the file)
+    max_bad_fraction: float = 0.05  # abort when more bad (skipped) samples than this fraction
+    bad_data_log: str = ""  # JSONL of skipped samples ("" = <run dir>/bad_data.jsonl)
 
 
 @dataclass
@@ -376,8 +390,22 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.latent_channels={m.latent_channels} but the s2d codec makes "
                               f"3 * s2d_patch^2 * s2d_frames = {expected} channels; set "
                               f"model.latent_channels={expected}")
-    if d.source not in ("synthetic",):
-        raise ConfigError(f"data.source={d.source!r}; valid: synthetic")
+    if d.source not in ("synthetic", "shards"):
+        raise ConfigError(f"data.source={d.source!r}; valid: synthetic, shards")
+    if d.source == "shards" and not d.shards:
+        raise ConfigError("data.source=shards needs data.shards: a folder of .tar shards made by "
+                          "tools/prepare_data.py (or a glob / comma-separated list)")
+    if d.video_backend not in ("auto", "dali", "pyav"):
+        raise ConfigError(f"data.video_backend={d.video_backend!r}; valid: auto, dali, pyav")
+    if d.crop not in ("center", "random"):
+        raise ConfigError(f"data.crop={d.crop!r}; valid: center, random")
+    if d.clip_start not in ("random", "first"):
+        raise ConfigError(f"data.clip_start={d.clip_start!r}; valid: random, first")
+    if d.frame_stride < 1 or d.sample_fps < 0:
+        raise ConfigError(f"data.frame_stride must be >= 1 and data.sample_fps >= 0, got "
+                          f"{d.frame_stride}, {d.sample_fps}")
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
     if tr.dtype not in ("float32", "bfloat16", "float64"):
         raise ConfigError(f"train.dtype={tr.dtype!r}; valid: float32, bfloat16, float64")
     if tr.wandb_mode not in ("offline", "online", "disabled"):
@@ -386,5 +414,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.spec={p.spec!r}; valid: local, te")
     if tr.warmup_steps > tr.steps:
         raise ConfigError(f"train.warmup_steps={tr.warmup_steps} exceeds train.steps={tr.steps}")
+    if not (math.isfinite(d.later_frames_scale) and d.later_frames_scale > 0):
+        raise ConfigError(f"data.later_frames_scale must be a finite number > 0, got {d.later_frames_scale}")
     if not math.isfinite(m.noise_std):
         raise ConfigError("model.noise_std must be finite")

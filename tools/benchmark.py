@@ -11,7 +11,10 @@ wall seconds, the deep and shallow network evaluations and the largest absolute 
 the sequential result, both of the tokens before denoising (``Generation.tokens``) and of the
 uint8 video, plus the speed-up of each method over the sequential one.
 
-New benchmarks (``data``, ``train``, ...) are added as one ``cmd_<name>`` function and one
+``data`` writes synthetic VP9 files, packs them into video and latent shards and times one
+epoch-sized pass of each input path (DALI CPU, PyAV, latent shards): clips/s and frames/s.
+
+New benchmarks (``train``, ...) are added as one ``cmd_<name>`` function and one
 ``add_parser`` block in ``build_parser``.
 """
 
@@ -134,6 +137,73 @@ def cmd_sampling(args) -> int:
     return 0
 
 
+def run_data_benchmark(clips: int = 48, frames: int = 8, size: int = 32, file_frames: int = 16,
+                       batch: int = 8, epochs: int = 2, threads: int = 2, workdir: str = "") -> dict:
+    """Clips/s and frames/s of the three training input paths, on the same synthetic clips in one
+    run: DALI CPU decoding of VP9 shards, PyAV decoding of the same shards, and the latent-shard
+    path (pre-decoded clips: no decoding). Files are 4:2:0 VP9 of ``file_frames`` frames; a clip
+    is ``frames`` frames of ``size x size``."""
+    import os
+    import tempfile
+
+    import torch
+
+    from megatron_starflow.config import load_config
+    from megatron_starflow.data.shards import read_shards
+    from megatron_starflow.data.video import ClipSpec, VideoClipIterator, dali_available
+
+    torch.set_num_threads(threads)
+    tools = Path(__file__).resolve().parent
+    sys.path.insert(0, str(tools))
+    import make_synthetic_data
+    import prepare_data
+
+    root = workdir or tempfile.mkdtemp(prefix="bench_data_")
+    videos, vshards, lshards = (os.path.join(root, n) for n in ("videos", "video_shards", "latent_shards"))
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        make_synthetic_data.main(["--out", videos, "--num", str(clips), "--frames", str(file_frames),
+                                  "--height", str(size), "--width", str(size), "--fps", "16",
+                                  "--format", "webm", "--vp9-lossy"])
+        prepare_data.main(["--input", videos, "--out", vshards, "--shard-size", "16"])
+        prepare_data.main(["--input", videos, "--out", lshards, "--latents", "--shard-size", "16",
+                           "--config", str(_REPO_ROOT / "examples/configs/tiny_cpu.yaml"),
+                           f"data.frames={frames}", f"data.height={size}", f"data.width={size}"])
+    spec = ClipSpec(frames, size, size, start="random")
+    paths = {"dali_cpu": (vshards, "dali"), "pyav": (vshards, "pyav"), "latent_shards": (lshards, "auto")}
+    if not dali_available():
+        paths.pop("dali_cpu")
+    results = {}
+    for name, (shards, backend) in paths.items():
+        records, sizes = read_shards(shards)
+        it = VideoClipIterator(records, spec, backend, seed=0, batch_size=batch, shard_sizes=sizes)
+        it.next_batch()  # warm-up: pipeline build, first file opens
+        steps = max(1, epochs * len(records) // batch)
+        n = 0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            n += it.next_batch()["video"].shape[0]
+        seconds = time.perf_counter() - t0
+        results[name] = {"clips_per_s": n / seconds, "frames_per_s": n * frames / seconds,
+                         "clips": n, "seconds": seconds, "bad": it.bad.bad,
+                         "decoded_by": {k: v for k, v in it.decoded_by.items() if v}}
+    base = results["pyav"]["clips_per_s"]
+    return {"benchmark": "data", "clips": clips, "file": f"VP9 4:2:0 webm, {file_frames} frames, "
+            f"{size}x{size}, 16 fps", "clip": [frames, size, size], "batch": batch,
+            "threads": threads, "cpu_count": os.cpu_count(), "paths": results,
+            "speedup_vs_pyav": {k: r["clips_per_s"] / base for k, r in results.items() if k != "pyav"},
+            "workdir": root}
+
+
+def cmd_data(args) -> int:
+    result = run_data_benchmark(args.clips, args.frames, args.size, args.file_frames, args.batch,
+                                args.epochs, args.threads, args.workdir)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tools/benchmark.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--repeats", type=int, default=1, help="timed runs per method (min is kept)")
     sa.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     sa.set_defaults(func=cmd_sampling)
+
+    da = sub.add_parser("data", help="clips/s: DALI CPU vs PyAV decoding vs latent shards")
+    da.add_argument("--clips", type=int, default=48, help="synthetic VP9 files")
+    da.add_argument("--frames", type=int, default=8, help="frames per clip")
+    da.add_argument("--size", type=int, default=32, help="height = width of files and clips")
+    da.add_argument("--file-frames", type=int, default=16, help="frames per file")
+    da.add_argument("--batch", type=int, default=8)
+    da.add_argument("--epochs", type=int, default=2, help="timed passes over the data")
+    da.add_argument("--threads", type=int, default=2, help="torch / DALI CPU threads")
+    da.add_argument("--workdir", default="", help="where files and shards go (default: a temp dir)")
+    da.set_defaults(func=cmd_data)
     return parser
 
 

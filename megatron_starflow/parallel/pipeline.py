@@ -5,9 +5,10 @@ TransformerStack keeps ``pipeline_model_parallel_size = 1`` in its megatron conf
 neither splits nor renumbers its layers). What crosses a stage boundary, per sample, is the state
 of the chain: the running tokens u, the running log-det sum, and the per-block conditioning (the
 text embeddings, which only the deep block reads but which must reach it, with their gradient
-flowing back to where they were produced). Megatron's p2p layer sends one tensor of shape
-``[seq_length, micro_batch, hidden]``; we pack the state per sample into a flat vector and send it as
-``[F, b, 1]`` (F = N*C + 1 + L*text_width), so the stock schedule carries it unchanged.
+flowing back to where they were produced). We pack the state per sample into one flat vector and
+send it as ``[F, b, 1]`` (F = N*C + 1 + L*text_width): the ``[seq, micro_batch, hidden]`` shape
+megatron's p2p layer sends, so megatron's schedules can carry it unchanged on GPU; on CPU we run
+our own 1F1B (see ``pipeline_flow_and_fsm_backward``).
 
 The FSM denoiser lives on stage 0: its target is the gradient of the flow loss w.r.t. the noisy
 input, which exists only once the pipeline backward has reached stage 0.
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -94,7 +96,7 @@ class ChainShape:
 
 
 class FlowPipelineStage(nn.Module):
-    """One pipeline stage of StarFlowV, in the form megatron's schedules drive: ``config``
+    """One pipeline stage of StarFlowV, in the form megatron's schedules drive (and ours): ``config``
     (a ModelParallelConfig whose ``hidden_size`` is 1, the carry's last dim), ``set_input_tensor``
     and a forward from (noisy tokens, text) on stage 0 or from the received carry elsewhere."""
 
@@ -146,47 +148,100 @@ class FlowPipelineStage(nn.Module):
         return 0.5 * u.flatten(1).pow(2).mean(1) - logdet / dims
 
 
-def pipeline_flow_and_fsm_backward(stage: FlowPipelineStage, microbatches: list[dict],
-                                   fsm_weight: float = 1.0) -> dict:
-    """Pipelined counterpart of ``training.losses.flow_and_fsm_backward`` for one global batch
-    split into ``microbatches`` (dicts with ``noisy`` [b,T,H,W,C] and ``text``; every stage needs
-    them only for their shapes except stage 0). Runs megatron's 1F1B schedule for the flow loss,
-    then (stage 0) the denoiser on the target -sigma * grad. Grads accumulate into ``.grad``.
-    Returns ``{"flow": mean loss}`` on the last stage and ``{"fsm": ...}`` on the first."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+def _run_1f1b(stage: FlowPipelineStage, shape: ChainShape, microbatches: list[dict],
+              group=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Non-interleaved 1F1B over the stages of ``group`` (megatron's PP group by default): stage s
+    runs min(P-s-1, M) warm-up forwards, then alternates one forward and one backward, then drains
+    the remaining backwards. Sends are non-blocking (their handles are waited at the end), receives
+    blocking; every pair of stages sends and receives in the same order, so it cannot deadlock.
+    Returns (noisy leaves of stage 0, per-microbatch losses of the last stage)."""
+    from megatron.core import parallel_state
 
+    group = group or parallel_state.get_pipeline_model_parallel_group()
+    prev_rank = next_rank = None
+    if not stage.is_first:
+        prev_rank = dist.get_global_rank(group, stage.stage - 1)
+    if not stage.is_last:
+        next_rank = dist.get_global_rank(group, stage.stage + 1)
+    num = len(microbatches)
+    pending: list = []  # (request, tensor kept alive until the send completes)
+    leaves, losses = [], []
+    dtype = microbatches[0]["noisy"].dtype
+
+    def carry_buffer(mb):
+        return torch.empty(shape.width, mb["noisy"].shape[0], 1, dtype=dtype)
+
+    def forward(i):
+        mb = microbatches[i]
+        if stage.is_first:
+            inp = mb["noisy"].detach().requires_grad_(True)
+            leaves.append(inp)
+            out = stage(shape, inp, mb["text"])
+        else:
+            inp = carry_buffer(mb)
+            dist.recv(inp, prev_rank)
+            inp.requires_grad_(True)
+            stage.set_input_tensor(inp)
+            out = stage(shape)
+        if stage.is_last:
+            loss = out.mean()
+            losses.append(loss.detach())
+            return inp, loss / num  # each microbatch's mean, so the sum is the batch mean
+        sent = out.detach().contiguous()
+        pending.append((dist.isend(sent, next_rank), sent))
+        return inp, out
+
+    def backward(inp, out):
+        if stage.is_last:
+            out.backward()
+        else:
+            grad = torch.empty_like(out)
+            dist.recv(grad, next_rank)
+            out.backward(grad)
+        if not stage.is_first:
+            sent = inp.grad.contiguous()
+            pending.append((dist.isend(sent, prev_rank), sent))
+
+    warmup = min(stage.stages - stage.stage - 1, num)
+    queue = [forward(i) for i in range(warmup)]
+    for i in range(warmup, num):
+        queue.append(forward(i))
+        backward(*queue.pop(0))
+    while queue:
+        backward(*queue.pop(0))
+    for request, _ in pending:
+        request.wait()
+    return leaves, losses
+
+
+def pipeline_flow_and_fsm_backward(stage: FlowPipelineStage, microbatches: list[dict],
+                                   fsm_weight: float = 1.0, group=None) -> dict:
+    """Pipelined counterpart of ``training.losses.flow_and_fsm_backward`` for one global batch
+    split into equal ``microbatches`` (dicts with ``noisy`` [b,T,H,W,C] and ``text``; stages other
+    than the first read only their shapes). 1F1B for the flow loss, then (stage 0) the denoiser on
+    the target -sigma * grad. Grads accumulate into ``.grad``. Returns ``{"flow": batch-mean loss}``
+    on the last stage and ``{"fsm": ...}`` on the first.
+
+    Why not megatron's ``get_forward_backward_func``: in megatron-core 0.16 its schedules allocate
+    ``torch.zeros(..., device="cuda")`` unconditionally (and its p2p layer synchronises CUDA), so
+    they cannot run on CPU/gloo where this is tested. ``FlowPipelineStage`` keeps the interface
+    those schedules drive (``config``, ``model_type``, ``set_input_tensor``), for GPU use."""
     first = microbatches[0]
     _, t, h, w, c = first["noisy"].shape
     shape = ChainShape(t, h, w, c, first["text"].shape[1], first["text"].shape[2])
     num = len(microbatches)
-    leaves: list[torch.Tensor] = []
-    data = iter(microbatches)
-
-    def loss_func(nll):
-        loss = nll.mean()
-        return loss, {"flow": loss.detach()}
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        noisy = batch["noisy"].detach().requires_grad_(True) if model.is_first else None
-        if noisy is not None:
-            leaves.append(noisy)
-        return model(shape, noisy, batch["text"]), loss_func
-
-    out = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=data, model=[stage], num_microbatches=num,
-        seq_length=shape.width, micro_batch_size=first["noisy"].shape[0], forward_only=False)
+    leaves, losses = _run_1f1b(stage, shape, microbatches, group)
     result = {}
     if stage.is_last:
-        result["flow"] = torch.stack([o["flow"] for o in out]).mean()
+        result["flow"] = torch.stack(losses).mean()
     den = stage.model.learnable_self_denoiser
     if stage.is_first and den is not None:
         total_batch = sum(mb["noisy"].shape[0] for mb in microbatches)
         dims = t * h * w * c
         fsm_total = 0.0
         for mb, noisy in zip(microbatches, leaves):
-            # The schedule divided each microbatch's mean loss by num: noisy.grad is the grad of
-            # the global-batch mean, as in the one-process loss.
+            # Each microbatch's loss was divided by num: noisy.grad is the grad of the global-batch
+            # mean, as in the one-process loss, so the one-process rescaling applies.
             target = (-stage.model.cfg.noise_std * noisy.grad * total_batch * dims).detach()
             pred = stage.model.denoise_score(noisy.detach(), mb["text"].detach())
             fsm = F.mse_loss(pred, target)

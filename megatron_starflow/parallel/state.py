@@ -111,11 +111,8 @@ def validate_parallel(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"model.num_blocks={m.num_blocks} flow blocks cannot fill parallel.pp={p.pp} "
                           f"pipeline stages (stages own whole flow blocks)")
     if p.vpp > 1:
-        if p.pp == 1:
-            raise ConfigError("parallel.vpp > 1 needs parallel.pp > 1")
-        if m.num_blocks < p.pp * p.vpp:
-            raise ConfigError(f"model.num_blocks={m.num_blocks} flow blocks cannot fill parallel.pp * "
-                              f"parallel.vpp = {p.pp * p.vpp} virtual pipeline stages")
+        raise ConfigError("parallel.vpp > 1: the interleaved pipeline schedule is not implemented for "
+                          "the flow-block chain (parallel.pipeline runs 1F1B); set parallel.vpp=1")
     return dp
 
 
@@ -124,8 +121,8 @@ def validate_parallel(cfg: Config, world_size: int) -> int:
 def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str | None = None,
                sp: bool = False, seed: int = 1234) -> None:
     """Idempotent: set up the default process group and megatron's model-parallel groups, and
-    seed megatron's RNG tracker (its forks are entered by every TransformerBlock under SP; they
-    only drive dropout, which this model does not use, and leave the default generator alone)."""
+    (tp > 1) seed megatron's RNG tracker: its forks are entered by every TransformerBlock under SP;
+    they only drive dropout, which this model does not use."""
     global _SEQUENCE_PARALLEL
     from megatron.core import parallel_state
 
@@ -160,9 +157,12 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         context_parallel_size=cp,
     )
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    if tp > 1:
+        # Only model-parallel layers enter the tracker's forks; a one-process (tp=1) run keeps
+        # its RNG streams exactly as before.
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    model_parallel_cuda_manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
 
 
 def initialize_from_config(cfg: Config, backend: str | None = None) -> int:

@@ -42,8 +42,13 @@ def ensure_tokenizer(cfg: Config, run_dir: str) -> str:
         from megatron_starflow.data.synthetic import all_captions
         from megatron_starflow.data.tokenizer import train_sentencepiece
 
+        raw = all_captions("train", cfg.data.num_train_clips)
+        if cfg.data.source == "shards":  # the captions the run will actually train on
+            from megatron_starflow.data.loader import shard_captions
+
+            raw = shard_captions(cfg.data.shards)
         captions = [format_caption(c, cfg.text.template, noise=_noise_level(cfg), fps=cfg.data.fps)
-                    for c in all_captions("train", cfg.data.num_train_clips)]
+                    for c in raw]
         train_sentencepiece(captions, os.path.dirname(path), cfg.text.vocab_size)
     return path
 
@@ -104,12 +109,22 @@ class StarFlowSystem(nn.Module):
                         generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 ``[B, T, H, W, 3]`` -> model tokens ``[B, T', h, w, C']``."""
         kwargs = {"generator": generator, "dequantize": dequantize} if self.cfg.data.codec == "s2d" else {}
-        latent = self.codec.encode(video, **kwargs)
+        latent = self._scale_later_frames(self.codec.encode(video, **kwargs), self.cfg.data.later_frames_scale)
         return patchify(latent.to(self.dtype), self.cfg.model.patch_size)
+
+    @staticmethod
+    def _scale_later_frames(latent: torch.Tensor, factor: float) -> torch.Tensor:
+        """Multiply latent frames 1.. by ``factor`` (data.later_frames_scale; 1.0 = unchanged)."""
+        if factor == 1.0 or latent.shape[1] < 2:
+            return latent
+        scale = torch.full((latent.shape[1],), factor, dtype=latent.dtype, device=latent.device)
+        scale[0] = 1.0
+        return latent * scale.view(1, -1, *([1] * (latent.dim() - 2)))
 
     def tokens_to_video_float(self, tokens: torch.Tensor) -> torch.Tensor:
         """Model tokens -> float video ``[B, T, H, W, 3]`` in [-1, 1]."""
         latent = unpatchify(tokens, self.cfg.model.patch_size).float()
+        latent = self._scale_later_frames(latent, 1.0 / self.cfg.data.later_frames_scale)
         return self.codec.decode(latent).clamp(-1, 1)
 
     def tokens_to_video(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -127,9 +142,15 @@ def make_datasets(cfg: Config) -> Datasets:
     from megatron_starflow.data.synthetic import SyntheticCaptionedVideos
 
     d = cfg.data
+    heldout = SyntheticCaptionedVideos("heldout", d.num_heldout_clips, d.frames, d.height, d.width)
+    if d.source == "shards" and d.heldout_shards:
+        from megatron_starflow.data.loader import ShardClipDataset
+
+        heldout = ShardClipDataset(cfg, d.heldout_shards, d.num_heldout_clips)
+    # source=shards trains from megatron_starflow.data.loader.build_train_iterator, not `train`.
     return Datasets(
         SyntheticCaptionedVideos("train", d.num_train_clips, d.frames, d.height, d.width),
-        SyntheticCaptionedVideos("heldout", d.num_heldout_clips, d.frames, d.height, d.width),
+        heldout,
     )
 
 

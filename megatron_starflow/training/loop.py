@@ -74,13 +74,14 @@ def train(cfg: Config, run_dir: str | None = None, quiet: bool = False) -> Train
         groups.append({"params": den_params, "name": "denoiser"})
     optimizer = torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.beta1, tr.beta2),
                                   weight_decay=tr.weight_decay)
-    start_step, skipped, epoch = 0, 0, 0
+    start_step, skipped, epoch, data_state = 0, 0, 0, None
     try:
         _, state, step_dir = ckpt.load_checkpoint(run_dir)
         system.load_trainable_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, skipped, epoch = state["step"], state["skipped"], state["epoch"]
         torch.set_rng_state(state["rng"])
+        data_state = state.get("data")
         if not quiet:
             print(f"resumed from {step_dir} at step {start_step}")
     except FileNotFoundError:
@@ -91,7 +92,14 @@ def train(cfg: Config, run_dir: str | None = None, quiet: bool = False) -> Train
     eval_start = evaluate(system, data.heldout, **eval_kwargs)
     logger.log({"step": start_step, "split": "heldout", **eval_start})
     gen = torch.Generator().manual_seed(tr.seed + 1)
-    batches = _batches(data.train, cfg.data.batch_size, tr.seed, epoch)
+    loader = None
+    if cfg.data.source == "shards":  # video files / latents from tar shards, resumable position
+        from megatron_starflow.data.loader import build_train_iterator
+
+        loader = build_train_iterator(cfg, run_dir, state=data_state)
+        batches = loader.batches()
+    else:
+        batches = _batches(data.train, cfg.data.batch_size, tr.seed, epoch)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tr.dtype == "bfloat16")
     sigma = cfg.model.noise_std
     t_start = time.time()
@@ -140,6 +148,8 @@ def train(cfg: Config, run_dir: str | None = None, quiet: bool = False) -> Train
         if (step + 1) % tr.ckpt_every == 0 or step + 1 == tr.steps:
             state = {"model": system.trainable_state_dict(), "optimizer": optimizer.state_dict(),
                      "step": step + 1, "skipped": skipped, "epoch": epoch, "rng": torch.get_rng_state()}
+            if loader is not None:
+                state["data"] = loader.state_dict()
             ckpt.save_checkpoint(run_dir, step + 1, cfg, state, tr.keep_checkpoints,
                                  tokenizer_file=tokenizer_path(cfg, run_dir)
                                  if cfg.text.encoder == "sentencepiece" else None)

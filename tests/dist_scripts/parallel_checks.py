@@ -4,8 +4,8 @@ reference, run under ``torchrun`` on gloo (see tests/test_parallel.py).
 Every rank first computes the one-process reference itself (megatron initialised with tp=pp=1, the
 same seed, the full batch): loss, FSM loss, gradients, and parameters after 3 AdamW steps. Then each
 layout re-initialises megatron, builds its model, loads the reference's initial full weights
-(sharded for TP) and repeats the same 3 steps. Differences (max |a-b| / max |b| per tensor, max over
-tensors and ranks) are written by rank 0 as JSON to the path given as argv[1].
+(sharded for TP) and repeats the same 3 steps. Differences (loss, grads: max |a-b| / max |b| per tensor;
+params: max |a-b| / lr; max over tensors and ranks) are written by rank 0 as JSON to the path given as argv[1].
 
     torchrun --nproc_per_node 2 tests/dist_scripts/parallel_checks.py out.json tp tp_sp dp pp
 """
@@ -43,6 +43,8 @@ STEPS, LR = 3, 1e-3
 # (~1e-9) whose sign differs between layouts; with the default eps (1e-8) Adam turns that noise into
 # +-lr updates. eps = 1e-6 keeps such round-off below 1e-3 * lr and leaves real updates unchanged.
 EPS = 1e-6
+# No weight decay: megatron's optimizer exempts biases and norms from it, torch's AdamW does not.
+WD = 0.0
 SEED = 7
 
 
@@ -79,12 +81,22 @@ def max_rel(got: dict, want: dict) -> float:
     return max(rel(got[k], want[k]) for k in got)
 
 
+def max_abs_in_lr(got: dict, want: dict) -> float:
+    """Parameters after the AdamW steps: max |a-b| in units of the learning rate. Adam moves every
+    element by about lr per step whatever its gradient's size, so round-off in an element's tiny
+    gradient shows up at a fixed fraction of lr; a relative measure would blow it up for
+    zero-initialised tensors (biases)."""
+    if not got:
+        return 0.0
+    return max((got[k] - want[k]).abs().max().item() for k in got) / LR
+
+
 def reference() -> dict:
     state.initialize(1, 1)
     model = build_model()
     init = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
     noisy, text = make_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=WD)
     out = {"init": init}
     for step in range(STEPS):
         opt.zero_grad()
@@ -104,7 +116,7 @@ def check_tp(ref: dict, sp: bool) -> dict:
     state.initialize(dist.get_world_size(), 1, sp=sp)
     model = build_model(ref["init"])
     noisy, text = make_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=WD)
     res = {}
     for step in range(STEPS):
         opt.zero_grad()
@@ -117,7 +129,7 @@ def check_tp(ref: dict, sp: bool) -> dict:
             with torch.no_grad():  # KV-cached sequential inverse: per-head keys (and SP padding)
                 res["inverse"] = rel(model.inverse(losses.output.z, text), ref["inverse"])
         opt.step()
-    res["params"] = max_rel(gather_full(model), ref["params"])
+    res["params"] = max_abs_in_lr(gather_full(model), ref["params"])
     return res
 
 
@@ -131,11 +143,11 @@ def check_dp(ref: dict, sharded_optimizer: bool) -> dict:
     noisy, text = noisy[rank * part:(rank + 1) * part], text[rank * part:(rank + 1) * part]
     if sharded_optimizer:
         # ZeRO-1: each DP rank keeps Adam state for its share of the params (torch's counterpart of
-        # megatron's distributed optimizer, which needs CUDA tensors: see the "megatron_ddp" probe).
+        # megatron's distributed optimizer, which cannot be built on CPU: see probe_megatron_optimizers).
         from torch.distributed.optim import ZeroRedundancyOptimizer
-        opt = ZeroRedundancyOptimizer(list(model.parameters()), torch.optim.AdamW, lr=LR, eps=EPS)
+        opt = ZeroRedundancyOptimizer(list(model.parameters()), torch.optim.AdamW, lr=LR, eps=EPS, weight_decay=WD)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=WD)
     res = {}
     for step in range(STEPS):
         opt.zero_grad()
@@ -149,24 +161,61 @@ def check_dp(ref: dict, sharded_optimizer: bool) -> dict:
             res["fsm"] = rel(fsm / world, ref["fsm"])
             res["grads"] = max_rel({n: p.grad for n, p in model.named_parameters()}, ref["grads"])
         opt.step()
-    res["params"] = max_rel({n: p.detach() for n, p in model.named_parameters()}, ref["params"])
+    res["params"] = max_abs_in_lr({n: p.detach() for n, p in model.named_parameters()}, ref["params"])
     return res
 
 
-def probe_megatron_ddp() -> dict:
-    """Can megatron's DistributedDataParallel (+ distributed optimizer) be built on CPU? Records
-    the error verbatim so the test report says exactly why not."""
-    state.initialize(1, 1)
+def check_megatron_dp(ref: dict) -> dict:
+    """DP with megatron's DistributedDataParallel (contiguous grad buffers, bucketed all-reduce
+    averaging over DP) feeding torch's AdamW: megatron's own optimizers cannot be built on CPU
+    (see ``probe_megatron_optimizers``)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    model = build_model()
-    try:
-        DistributedDataParallel(model.blocks[0].transformer.config,
-                                DistributedDataParallelConfig(use_distributed_optimizer=True),
-                                model)
-        return {"megatron_ddp_error": ""}
-    except Exception as exc:  # noqa: BLE001 - the message is the result
-        return {"megatron_ddp_error": f"{type(exc).__name__}: {exc}"}
+    state.initialize(1, 1)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = build_model(ref["init"])
+    ddp = DistributedDataParallel(model.blocks[0].transformer.config,
+                                  DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=WD)
+    noisy, text = make_batch()
+    part = BATCH // world
+    noisy, text = noisy[rank * part:(rank + 1) * part], text[rank * part:(rank + 1) * part]
+    res = {}
+    for step in range(STEPS):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        flow_and_fsm_backward(model, noisy, text)  # DDP's grad hooks fill param.main_grad
+        ddp.finish_grad_sync()
+        for p in model.parameters():
+            p.grad = p.main_grad
+        if step == 0:
+            res["grads"] = max_rel({n: p.grad for n, p in model.named_parameters()}, ref["grads"])
+        opt.step()
+    res["params"] = max_abs_in_lr({n: p.detach() for n, p in model.named_parameters()},
+                                  ref["params"])
+    return res
+
+
+def probe_megatron_optimizers() -> dict:
+    """Can megatron's optimizers (plain and distributed) be built on CPU? Records the error
+    verbatim so the test report says exactly why not."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    state.initialize(1, 1)
+    out = {}
+    for name, distributed in (("plain", False), ("distributed", True)):
+        model = build_model()
+        ddp = DistributedDataParallel(
+            model.blocks[0].transformer.config,
+            DistributedDataParallelConfig(use_distributed_optimizer=distributed), model)
+        try:
+            get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=LR,
+                                                   use_distributed_optimizer=distributed), [ddp])
+            out[f"{name}_optimizer_error"] = ""
+        except Exception as exc:  # noqa: BLE001 - the message is the result
+            out[f"{name}_optimizer_error"] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 def check_pp(ref: dict, tp: int = 1, sp: bool = False) -> dict:
@@ -185,7 +234,7 @@ def check_pp(ref: dict, tp: int = 1, sp: bool = False) -> dict:
     noisy, text = make_batch()
     half = BATCH // 2
     micro = [{"noisy": noisy[i:i + half], "text": text[i:i + half]} for i in (0, half)]
-    opt = torch.optim.AdamW(stage.parameters(), lr=LR, eps=EPS)
+    opt = torch.optim.AdamW(stage.parameters(), lr=LR, eps=EPS, weight_decay=WD)
     res = {"flow": 0.0, "fsm": 0.0}
     prefix = "model."
     for step in range(STEPS):
@@ -202,7 +251,7 @@ def check_pp(ref: dict, tp: int = 1, sp: bool = False) -> dict:
             res["stage_params"] = sum(p.numel() for p in stage.parameters())
         opt.step()
     params = gather_full(stage)
-    res["params"] = max_rel({k[len(prefix):]: v for k, v in params.items()}, ref["params"])
+    res["params"] = max_abs_in_lr({k[len(prefix):]: v for k, v in params.items()}, ref["params"])
     return res
 
 
@@ -227,7 +276,8 @@ CHECKS = {
     "tp_sp": lambda ref: check_tp(ref, sp=True),
     "dp": lambda ref: check_dp(ref, sharded_optimizer=False),
     "dp_zero": lambda ref: check_dp(ref, sharded_optimizer=True),
-    "megatron_ddp": lambda ref: probe_megatron_ddp(),
+    "dp_megatron": check_megatron_dp,
+    "megatron_optimizers": lambda ref: probe_megatron_optimizers(),
     "pp": lambda ref: check_pp(ref),
     "pp_tp": lambda ref: check_pp(ref, tp=2),
     "pp_tp_sp": lambda ref: check_pp(ref, tp=2, sp=True),

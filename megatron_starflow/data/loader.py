@@ -1,0 +1,66 @@
+"""The training loop's side of ``data.source=shards``: build the resumable train iterator and a
+deterministic held-out data set from the config."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from megatron_starflow.data.bad_data import BadDataLog, BadSample
+from megatron_starflow.data.shards import read_shards
+from megatron_starflow.data.video import ClipSpec, VideoClipIterator
+
+
+def clip_spec(cfg, train: bool = True) -> ClipSpec:
+    d = cfg.data
+    return ClipSpec(frames=d.frames, height=d.height, width=d.width, sample_fps=float(d.sample_fps),
+                    stride=d.frame_stride, crop=d.crop if train else "center",
+                    start=d.clip_start if train else "first")
+
+
+def build_train_iterator(cfg, run_dir: str, dp_rank: int = 0, dp_size: int = 1,
+                         state: dict | None = None) -> VideoClipIterator:
+    d = cfg.data
+    records, sizes = read_shards(d.shards)
+    log = BadDataLog(d.bad_data_log or os.path.join(run_dir, "bad_data.jsonl"), d.max_bad_fraction)
+    it = VideoClipIterator(records, clip_spec(cfg), d.video_backend, seed=cfg.train.seed,
+                           dp_rank=dp_rank, dp_size=dp_size, batch_size=d.batch_size, bad_log=log,
+                           shard_sizes=sizes, num_workers=d.num_workers)
+    if state:
+        it.load_state_dict(state)
+    return it
+
+
+class ShardClipDataset(Dataset):
+    """Map-style, deterministic (first frames, centre crop) clips of shards, for evaluation; bad
+    samples are dropped when the data set is built lazily on first access."""
+
+    def __init__(self, cfg, shards: str, limit: int):
+        records, _ = read_shards(shards)
+        self._it = VideoClipIterator(records, clip_spec(cfg, train=False), cfg.data.video_backend,
+                                     shuffle=False, bad_log=BadDataLog(max_bad_fraction=1.0))
+        self.limit = int(limit)
+        self._items: list | None = None
+
+    def _load(self) -> list:
+        if self._items is None:
+            n = min(self.limit, len(self._it.records))
+            decoded = self._it.decode([(i, i) for i in range(n)])
+            self._items = [(clip, rec) for _, rec, clip in decoded if not isinstance(clip, BadSample)]
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __getitem__(self, index: int) -> dict:
+        clip, rec = self._load()[index]
+        return {"video": torch.from_numpy(np.ascontiguousarray(clip)), "caption": rec.caption,
+                "attrs": dict(rec.meta.get("attributes", {})), "index": index}
+
+
+def shard_captions(shards: str) -> list[str]:
+    records, _ = read_shards(shards)
+    return [r.caption for r in records if r.caption]

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Convert between training checkpoints and inference folders.
+
+    # training checkpoint (run folder, checkpoints folder or step folder) -> inference folder
+    python tools/convert_checkpoint.py export --checkpoint runs/tiny --out exports/tiny \
+        [--dtype fp32|bf16] [--max-shard-size 5GB] [--verify] [--only-ema]
+    # inference folder -> training checkpoint to fine-tune from (launch.py train --out RUN_DIR resumes it)
+    python tools/convert_checkpoint.py import --inference exports/tiny --out runs/finetune [--tp N --pp N]
+
+The inference folder (model.safetensors [+ shards and index], config.json, tokenizer/) is what
+`launch.py sample --checkpoint DIR` and `launch.py eval --checkpoint DIR` load.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="training checkpoint -> inference folder")
+    ex.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder or a step folder")
+    ex.add_argument("--out", required=True, help="inference folder to write (replaced if it exists)")
+    ex.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ex.add_argument("--max-shard-size", default="5GB",
+                    help="split model.safetensors into files of at most this size (e.g. 5GB, 200MB; 0 = one file)")
+    ex.add_argument("--only-ema", action="store_true", help="export the EMA weights (if the checkpoint has them)")
+    ex.add_argument("--verify", action="store_true",
+                    help="reload the folder and compare z, log-det and denoiser output with the checkpoint")
+    im = sub.add_parser("import", help="inference folder -> training checkpoint (fine-tuning)")
+    im.add_argument("--inference", required=True, help="inference folder")
+    im.add_argument("--out", required=True, help="run folder to create")
+    im.add_argument("--tp", type=int, default=1, help="parallel.tp of the fine-tuning run")
+    im.add_argument("--pp", type=int, default=1, help="parallel.pp of the fine-tuning run")
+    args = parser.parse_args(argv)
+
+    from megatron_starflow.convert import training
+
+    try:
+        if args.command == "export":
+            report = training.export_checkpoint(args.checkpoint, args.out, args.dtype,
+                                                args.max_shard_size, args.only_ema)
+            if args.verify:
+                report["verify"] = training.verify_export(args.checkpoint, args.out, args.only_ema)
+                v = report["verify"]
+                print("verify: max |diff| z {z_max_abs_diff:.3g}, log-det {logdet_max_abs_diff:.3g}".format(**v)
+                      + (f", denoiser {v['denoiser_max_abs_diff']:.3g}" if "denoiser_max_abs_diff" in v else ""),
+                      file=sys.stderr)
+        else:
+            step_dir = training.import_inference(args.inference, args.out, args.tp, args.pp)
+            report = {"inference": os.path.abspath(args.inference), "checkpoint": step_dir,
+                      "resume_with": f"python launch.py train --out {args.out} train.steps=N ..."}
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

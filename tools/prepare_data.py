@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Pack captioned videos into webdataset-style tar shards (and optionally pre-decoded / latent shards).
+
+    # a folder of videos (captions from metadata.jsonl or <stem>.txt) -> video shards
+    python tools/prepare_data.py --input data/synth --out data/shards --shard-size 64
+    # a CSV or JSONL manifest with columns path (or file) and caption
+    python tools/prepare_data.py --manifest videos.csv --out data/shards
+    # latent shards for a run config: decoded + resized clips (+ codec latents for a lossy codec,
+    # + text embeddings for a frozen text encoder), so training skips decoding
+    python tools/prepare_data.py --input data/synth --out data/latents --latents \
+        --config examples/configs/tiny_cpu.yaml [section.key=value ...]
+
+Every file is checked on the way in (PyAV opens it and decodes every frame; with ``--latents`` it is
+also clipped): zero-byte, truncated, undecodable, too short and caption-less files are skipped and
+listed in ``<out>/bad_data.jsonl`` (too short: fewer than ``--min-frames``). ``--codecs vp9,vp8``
+keeps only those codecs.
+Shards are written under a temporary name and renamed when complete; ``<out>/shards.json`` lists
+them. Prints one JSON summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="folder of videos (+ metadata.jsonl or <stem>.txt captions)")
+    src.add_argument("--manifest", help="CSV or JSONL with path/file and caption columns")
+    p.add_argument("--out", required=True, help="output folder of shards")
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    p.add_argument("--shard-bytes", type=int, default=1 << 30, help="max bytes per shard")
+    p.add_argument("--codecs", default="", help="keep only these codecs, e.g. vp9,vp8 (default: all)")
+    p.add_argument("--min-frames", type=int, default=0,
+                   help="video shards: skip files with fewer frames (too short for the run's clips)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="video shards: skip the full decode check of every file (faster)")
+    p.add_argument("--latents", action="store_true", help="write pre-decoded clips (+ latents) instead")
+    p.add_argument("--config", help="--latents: run config (YAML) giving frames, size, codec, text encoder")
+    p.add_argument("--backend", default="pyav", choices=("auto", "dali", "pyav"),
+                   help="--latents: decoder")
+    p.add_argument("overrides", nargs="*", help="--latents: section.key=value config overrides")
+    args = p.parse_args(argv)
+    if args.shard_size < 1:
+        p.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    return args
+
+
+def _records(args):
+    from megatron_starflow.data.video import records_from_folder, records_from_manifest
+
+    if args.input:
+        if not os.path.isdir(args.input):
+            raise SystemExit(f"error: --input {args.input!r} is not a folder")
+        return records_from_folder(args.input)
+    if not os.path.isfile(args.manifest):
+        raise SystemExit(f"error: --manifest {args.manifest!r} does not exist")
+    return records_from_manifest(args.manifest)
+
+
+def _unique_keys(records) -> list[str]:
+    keys, seen = [], set()
+    for r in records:
+        key = r.key.replace(".", "_")
+        if key in seen:
+            key = f"{key}_{os.path.splitext(r.path)[1].lstrip('.').lower()}"
+        n = 1
+        base = key
+        while key in seen:
+            key, n = f"{base}_{n}", n + 1
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
+def pack_videos(records, out: str, shard_size: int, shard_bytes: int, check: bool, codecs: set,
+                log, min_frames: int = 0) -> dict:
+    """Copy the encoded files into shards, with caption and stream facts; skip bad files."""
+    from megatron_starflow.data.bad_data import (MISSING, NO_CAPTION, TOO_SHORT, UNDECODABLE, ZERO_BYTE,
+                                                 BadSample)
+    from megatron_starflow.data.shards import ShardWriter
+    from megatron_starflow.data.video import probe
+
+    with ShardWriter(out, shard_size, shard_bytes) as writer:
+        for record, key in zip(records, _unique_keys(records)):
+            try:
+                if not record.caption or not record.caption.strip():
+                    raise BadSample(NO_CAPTION, "no caption")
+                if record.kind == "missing":
+                    raise BadSample(MISSING, "file does not exist")
+                data = record.read_bytes()
+                if not data:
+                    raise BadSample(ZERO_BYTE, "zero-byte file")
+                info = probe(data, count_frames=check)
+                if min_frames and info.frames and info.frames < min_frames:
+                    raise BadSample(TOO_SHORT, f"{info.frames} frames, --min-frames {min_frames}")
+                if codecs and info.codec not in codecs:
+                    raise BadSample(UNDECODABLE, f"codec {info.codec} not in --codecs")
+            except BadSample as bad:
+                log.skip(record.path, bad.kind, str(bad))
+                continue
+            log.ok()
+            ext = os.path.splitext(record.path)[1].lstrip(".").lower() or "video"
+            meta = {**info.to_dict(), "source": record.path, "frames_counted": check}
+            writer.write(key, {ext: data, "txt": record.caption.strip().encode("utf-8"),
+                               "json": json.dumps(meta).encode("utf-8")})
+        shards = writer.close({"kind": "video"})
+    return {"shards": len(shards), "samples": sum(s["samples"] for s in shards)}
+
+
+def pack_latents(records, out: str, shard_size: int, shard_bytes: int, cfg, backend: str, log) -> dict:
+    """Decode each clip once (deterministic: first frames, centre crop) at the config's size and
+    store it (+ codec latent for a lossy codec, + text embedding for a frozen text encoder)."""
+    import torch
+
+    from megatron_starflow.data.loader import clip_spec
+    from megatron_starflow.data.shards import ShardWriter, npy_bytes
+    from megatron_starflow.data.video import VideoClipIterator, BadSample
+
+    spec = clip_spec(cfg, train=False)
+    it = VideoClipIterator(records, spec, backend, shuffle=False, bad_log=log, batch_size=8)
+    codec = text_encoder = None
+    if cfg.data.codec != "s2d":
+        from megatron_starflow.training.builders import make_codec
+
+        codec = make_codec(cfg).eval()
+    if cfg.text.encoder != "sentencepiece":
+        from megatron_starflow.training.builders import make_text_encoder
+
+        text_encoder = make_text_encoder(cfg, out).eval()
+    keys = _unique_keys(records)
+    with ShardWriter(out, shard_size, shard_bytes) as writer:
+        for lo in range(0, len(records), 8):
+            for position, record, clip in it.decode([(i, i) for i in range(lo, min(lo + 8, len(records)))]):
+                if isinstance(clip, BadSample):
+                    log.skip(record.where, clip.kind, str(clip))
+                    continue
+                log.ok()
+                members = {"frames.npy": npy_bytes(clip), "txt": record.caption.strip().encode("utf-8"),
+                           "json": json.dumps({**record.meta, "source": record.path,
+                                               "clip": [spec.frames, spec.height, spec.width]}).encode()}
+                with torch.no_grad():
+                    if codec is not None:
+                        latent = codec.encode(torch.from_numpy(clip)[None])[0]
+                        members["latent.npy"] = npy_bytes(latent.float().numpy())
+                    if text_encoder is not None:
+                        from megatron_starflow.models.text import format_caption
+
+                        text = format_caption(record.caption, cfg.text.template,
+                                              noise=int(round(1000 * cfg.model.noise_std)), fps=cfg.data.fps)
+                        members["text.npy"] = npy_bytes(text_encoder([text])[0][0].float().numpy())
+                writer.write(keys[position], members)
+        shards = writer.close({"kind": "latent", "codec": cfg.data.codec,
+                               "clip": [spec.frames, spec.height, spec.width]})
+    return {"shards": len(shards), "samples": sum(s["samples"] for s in shards)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_starflow.data.bad_data import BadDataLog
+
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "bad_data.jsonl")
+    if os.path.exists(log_path):
+        os.remove(log_path)
+    log = BadDataLog(log_path, max_bad_fraction=1.0)
+    records = _records(args)
+    if not records:
+        raise SystemExit("error: no videos found")
+    if args.latents:
+        if not args.config:
+            raise SystemExit("error: --latents needs --config (the run's frames, size and codec)")
+        from megatron_starflow.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        result = pack_latents(records, args.out, args.shard_size, args.shard_bytes, cfg, args.backend, log)
+    else:
+        codecs = {c.strip() for c in args.codecs.split(",") if c.strip()}
+        result = pack_videos(records, args.out, args.shard_size, args.shard_bytes, args.check, codecs, log,
+                             args.min_frames)
+    print(json.dumps({"out": args.out, **result, "bad": log.summary(),
+                      "bad_log": log_path if log.bad else None}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
