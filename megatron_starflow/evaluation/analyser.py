@@ -9,11 +9,12 @@ It inverts the renderer of ``data/synthetic.py`` without learning anything:
    estimated background and at least ``MIN_OBJECT_DISTANCE`` away from the background; per frame,
    the largest 8-connected component is kept (generated clips have speckles);
 3. object colour: per-channel median of the kept pixels of all frames, nearest palette colour;
-4. shape: per frame, the renderer's own masks (``synthetic._shape_mask``) are fitted to the kept
-   component over a small grid of sub-pixel centres and radii around its bounding box; the score
-   of a shape is its best intersection-over-union, averaged over frames. This separates the four
-   shapes at 16x16 (half-extent 2.2 to 3.5 pixels) where fill ratio or symmetry features alone
-   confuse circle / square and diamond / triangle;
+4. shape: the renderer's own masks (``synthetic._shape_mask``) are compared with the kept
+   components under a likelihood exp(-BETA (1 - IoU)), with one radius per clip (uniform over the
+   renderer's size range) and a sub-pixel centre per frame averaged out; the posterior over the
+   four shapes (uniform prior) names the shape. Averaging instead of taking the best fit is what
+   separates the shapes at 16x16 (half-extent 2.2 to 3.5 pixels), where e.g. a 5x5 block is a
+   square for most radii and alignments but a circle only for one narrow radius at one alignment;
 5. direction: least-squares constant-velocity fit of the per-frame centroids; the dominant axis
    and its sign name the direction; the fit's residual measures motion smoothness.
 
@@ -113,7 +114,7 @@ def object_mask(video: np.ndarray, background_rgb: np.ndarray) -> np.ndarray:
 
 def largest_components(mask: np.ndarray) -> np.ndarray:
     """Per frame, keep only the largest 8-connected component of ``mask`` [T, H, W] (ties: the
-    one with the smallest raster index), by max-label propagation (vectorised over frames)."""
+    one reaching furthest in raster order), by max-label propagation (vectorised over frames)."""
     t, h, w = mask.shape
     labels = np.where(mask, np.arange(1, h * w + 1).reshape(1, h, w), 0).astype(np.int64)
     while True:
@@ -132,7 +133,6 @@ def largest_components(mask: np.ndarray) -> np.ndarray:
             continue
         counts = np.bincount(labels[i].ravel(), minlength=h * w + 1)
         counts[0] = 0
-        # largest area; among equals the largest label (deterministic)
         top = counts.max()
         label = np.flatnonzero(counts == top)[-1]
         keep[i] = labels[i] == label
