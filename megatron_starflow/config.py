@@ -120,6 +120,10 @@ class TrainConfig:
     # Skip rule of the reference: after warm-up, an update whose gradient norm is not finite or
     # exceeds skip_factor * grad_clip is dropped (counted, logged) instead of applied.
     skip_factor: float = 50.0
+    # Guard for long runs: this many skipped steps in a row (non-finite loss or gradient, or the
+    # skip rule above) stop the run with a message naming the last checkpoint from before the
+    # streak (no checkpoint is written during a streak). 0 = never stop.
+    max_consecutive_skips: int = 50
     seed: int = 0
     out_dir: str = "runs/tiny"
     ckpt_every: int = 100
@@ -345,7 +349,7 @@ def validate(cfg: Config) -> None:
         "parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp",
     ], allow_zero=["model.attn_window", "model.denoiser_width", "model.fsm_weight",
                    "train.min_lr", "train.warmup_steps", "train.weight_decay",
-                   "data.num_workers", "train.threads"])
+                   "data.num_workers", "train.threads", "train.max_consecutive_skips"])
     for name in ("attn_window", "denoiser_width", "fsm_weight", "init_std"):
         if getattr(m, name) < 0:
             raise ConfigError(f"model.{name} must be >= 0, got {getattr(m, name)}")

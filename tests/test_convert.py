@@ -185,9 +185,9 @@ def test_import_tp2_same_loss(trained, tmp_path):
     import_inference(export, run2, tp=2)
     out = tmp_path / "tp2.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "0", os.path.join(REPO, "tests", "dist_scripts", "convert_tp_loss.py"),
-                           run2, str(out)], capture_output=True, text=True, timeout=500, env=env, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(REPO, "tests", "dist_scripts", "convert_tp_loss.py"),
+                           run2, str(out)], capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     from megatron_starflow.cli import load_system

@@ -38,6 +38,9 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, state: dict, keep: int
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     torch.save(state, os.path.join(tmp, "state.pt"))
+    from megatron_starflow.launch import faults
+
+    faults.save_sleep(step)  # tests: a kill now must leave the previous checkpoint loadable
     save_config(cfg, os.path.join(tmp, "config.json"))
     if tokenizer_file and os.path.isfile(tokenizer_file):
         os.makedirs(os.path.join(tmp, "tokenizer"))
@@ -47,7 +50,25 @@ def save_checkpoint(run_dir: str, step: int, cfg: Config, state: dict, keep: int
     os.replace(tmp, final)
     _write_text(os.path.join(root, "latest"), name)
     _prune(root, keep)
+    _remove_stale_tmp(root)
     return final
+
+
+def _remove_stale_tmp(root: str) -> None:
+    """Temporary folders left by writers that were killed mid-save (their pid is gone)."""
+    for entry in os.listdir(root):
+        if not entry.startswith(".tmp_"):
+            continue
+        try:
+            pid = int(entry.rsplit("_", 1)[1])
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except (ValueError, ProcessLookupError, IndexError):
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
 def _prune(root: str, keep: int) -> None:
@@ -67,6 +88,13 @@ def resolve_checkpoint(path: str) -> str:
                 step_dir = os.path.join(root, f.read().strip())
             if os.path.isfile(os.path.join(step_dir, "state.pt")):
                 return step_dir
+        # `latest` missing or naming a folder that is gone: the newest complete step folder
+        if os.path.isdir(root):
+            done = sorted(d for d in os.listdir(root) if d.startswith("step_")
+                          and os.path.isfile(os.path.join(root, d, "state.pt"))
+                          and os.path.isfile(os.path.join(root, d, "config.json")))
+            if done:
+                return os.path.join(root, done[-1])
     raise FileNotFoundError(f"{path!r} is not a checkpoint: expected a folder with state.pt and "
                             f"config.json, or a run folder with checkpoints/latest (train one with "
                             f"`python launch.py train --config examples/configs/tiny_cpu.yaml`)")

@@ -1,0 +1,68 @@
+"""Resumable, data-parallel batches of the in-memory synthetic clips (``data.source=synthetic``).
+
+The position is the same single integer as for tar shards (``data/sampler.py``): the number of
+globally consumed samples. The epoch permutation is the one the one-process loop always used,
+``torch.randperm(N, generator=manual_seed(seed * 100003 + epoch))``, so an uninterrupted
+one-process run sees exactly the batches it saw before this iterator existed (when ``N`` is a
+multiple of the batch size; otherwise the old loop dropped each epoch's ragged tail, and here a
+batch runs across the epoch boundary, as the shard sampler does).
+
+With ``dp`` ranks, rank ``r`` takes positions ``consumed + r, consumed + r + dp, ...`` of each
+global window of ``batch_size * dp`` samples, so resuming with another DP size continues the same
+global order without repeating or skipping a sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_starflow.data.sampler import GlobalOrderSampler
+
+
+class TorchPermutationSampler(GlobalOrderSampler):
+    """:class:`GlobalOrderSampler` whose epoch order is the legacy loop's torch permutation."""
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100003 + int(epoch))
+            order = torch.randperm(self.num_samples, generator=gen).numpy()
+        else:
+            order = np.arange(self.num_samples)
+        self._cache = (epoch, order)
+        return order
+
+
+class SyntheticBatchIterator:
+    """``batches()`` yields ``(epoch, batch)`` like ``VideoClipIterator.batches``; ``state_dict``
+    holds the sampler position."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1):
+        from megatron_starflow.training.builders import collate
+
+        self._collate = collate
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.sampler = TorchPermutationSampler(len(dataset), seed=seed, dp_rank=dp_rank,
+                                               dp_size=dp_size)
+
+    def next_batch(self) -> dict:
+        epoch = self.sampler.epoch
+        items = self.sampler.next_batch(self.batch_size)
+        batch = self._collate([self.dataset[index] for _, index in items])
+        batch["position"] = [position for position, _ in items]
+        batch["epoch"] = epoch
+        return batch
+
+    def batches(self):
+        while True:
+            batch = self.next_batch()
+            yield batch["epoch"], batch
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
