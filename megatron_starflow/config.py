@@ -346,6 +346,7 @@ def validate(cfg: Config) -> None:
         "text.vocab_size", "text.width", "text.layers", "text.heads",
         "train.steps", "train.lr", "train.grad_clip", "train.skip_factor", "train.ckpt_every",
         "train.eval_every", "train.log_every", "train.eval_batches", "train.keep_checkpoints",
+        "train.max_consecutive_skips",
         "parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp",
     ], allow_zero=["model.attn_window", "model.denoiser_width", "model.fsm_weight",
                    "train.min_lr", "train.warmup_steps", "train.weight_decay",
