@@ -51,6 +51,9 @@ class ModelConfig:
     denoiser_layers: int = 2
     denoiser_width: int = 0  # 0 = shallow_width (as in the reference)
     denoiser_window: int = 10  # frames of look-back of the denoiser
+    # first_layer: only layer 1 looks one frame ahead (output of frame n depends on frames <= n+1);
+    # every_layer: the authors' mask in every layer (L layers see L frames ahead)
+    denoiser_lookahead: str = "first_layer"
     fsm_weight: float = 1.0
     init_std: float = 0.02
     recompute: bool = False  # activation recomputation (full, per layer) in every stack
@@ -370,6 +373,9 @@ def validate(cfg: Config) -> None:
         axis_dims(m.head_dim, m.rope_time_fraction)
     except ValueError as exc:
         raise ConfigError(f"model.head_dim / model.rope_time_fraction: {exc}") from None
+    if m.denoiser_lookahead not in ("first_layer", "every_layer"):
+        raise ConfigError(f"model.denoiser_lookahead={m.denoiser_lookahead!r}; valid: first_layer, "
+                          f"every_layer")
     if t.width % t.heads:
         raise ConfigError(f"text.width={t.width} is not divisible by text.heads={t.heads}")
     if t.encoder not in ("sentencepiece", "t5"):

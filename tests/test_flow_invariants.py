@@ -230,10 +230,22 @@ def test_denoiser_one_frame_lookahead_and_window(make_model, window):
             assert dep[n][m] == (n - window + 1 <= m <= n + 1), (n, m, dep[n])
 
 
-def test_denoiser_receptive_field_grows_with_layers(make_model):
-    """The one-frame look-ahead is per layer: L stacked layers see L frames ahead (as in the
-    reference's 8-layer NonCausalBlock), never more."""
-    model = make_model(denoiser_layers=2, denoiser_window=10)
+@pytest.mark.parametrize("layers", [2, 3])
+def test_denoiser_sees_one_frame_ahead_with_many_layers(make_model, layers):
+    """Default (first-layer look-ahead, later layers frame-causal): however many layers, frame n
+    depends on frames <= n+1 only (METHOD.md invariant 3), and on frame n+1 indeed."""
+    model = make_model(denoiser_layers=layers, denoiser_window=10)
+    t = 5
+    dep = _denoiser_dependence(model, t, seed=18)
+    for n in range(t):
+        for m in range(t):
+            assert dep[n][m] == (m <= n + 1), (n, m, dep[n])
+
+
+def test_denoiser_authors_mask_compounds_over_layers(make_model):
+    """``denoiser_lookahead=every_layer`` (the reference's NonCausalBlock): the one-frame
+    look-ahead is per layer, so 2 stacked layers see 2 frames ahead, never more."""
+    model = make_model(denoiser_layers=2, denoiser_window=10, denoiser_lookahead="every_layer")
     t = 5
     dep = _denoiser_dependence(model, t, seed=18)
     for n in range(t):

@@ -252,6 +252,7 @@ def config_from_theirs(args: dict, state: dict, t5_path: str = "", vae_path: str
     m.denoiser_width = 0
     # Their denoiser mask with window None is unlimited look-back.
     m.denoiser_window = int(args["denoiser_window"]) if args["denoiser_window"] else 1_000_000
+    m.denoiser_lookahead = "every_layer"  # their mask is the same in every layer
     m.recompute = bool(args["gradient_checkpoint"])
     cfg.text.encoder, cfg.text.path = "t5", os.path.abspath(t5_path) if t5_path else ""
     cfg.text.caption_dropout = float(args["drop_label"])

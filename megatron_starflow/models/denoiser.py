@@ -5,6 +5,11 @@ noisy data, t = -sigma * grad_x NLL(x~), so that x^ = x~ + sigma * s_phi(x~) is 
 estimate. The exact score at frame n depends on every later frame; the denoiser sees only one frame
 ahead (block-causal with one frame of look-ahead, and at most ``window`` frames back), which keeps
 decoding streamable with one frame of latency. Text is prepended; every query sees all text.
+
+Stacked layers compound a per-layer look-ahead: with the authors' mask in every layer, L layers
+see L frames ahead. ``lookahead="first_layer"`` (our default) gives only the first layer the
+one-frame look-ahead and makes later layers frame-causal, so the output of frame n depends on
+frames <= n+1 exactly; ``"every_layer"`` reproduces the authors' denoiser (imported checkpoints).
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ from megatron_starflow.models.transformer import TransformerStack, ZeroCenteredR
 class FlowScoreDenoiser(nn.Module):
     def __init__(self, channels: int, width: int, layers: int, head_dim: int, text_width: int,
                  mlp_ratio: int = 4, init_std: float = 0.02, rope_base: float = 10000.0,
-                 rope_time_fraction: float = 0.25, recompute: bool = False, spec: str = "local"):
+                 rope_time_fraction: float = 0.25, recompute: bool = False, spec: str = "local",
+                 lookahead: str = "first_layer"):
         super().__init__()
+        if lookahead not in ("first_layer", "every_layer"):
+            raise ValueError(f"model.denoiser_lookahead={lookahead!r}; valid: first_layer, every_layer")
+        self.lookahead = lookahead
         self.rope = (head_dim, rope_base, rope_time_fraction)
         self.proj_in = nn.Linear(channels, width)
         self.proj_txt = nn.Linear(text_width, width)
@@ -34,7 +43,11 @@ class FlowScoreDenoiser(nn.Module):
     def forward(self, tokens: torch.Tensor, layout: SlotLayout, text: torch.Tensor) -> torch.Tensor:
         """tokens ``[B, N, C]`` (raster order, frames in time order) -> scaled score ``[B, N, C]``."""
         h = torch.cat([self.proj_txt(text.to(tokens.dtype)), self.proj_in(tokens)], dim=1)
-        mask = layout.lookahead_mask().to(h.device)
+        ahead = layout.lookahead_mask(ahead=1).to(h.device)
         angles = layout.angles(*self.rope).to(h.device)
-        h = self.transformer(h, mask, angles)
+        if self.lookahead == "every_layer":
+            h = self.transformer(h, ahead, angles)
+        else:
+            causal = layout.lookahead_mask(ahead=0).to(h.device)
+            h = self.transformer(h, causal, angles, first_layer_allowed=ahead)
         return self.proj_out(self.final_norm(h[:, layout.text_len:]))

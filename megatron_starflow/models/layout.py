@@ -52,9 +52,9 @@ class SlotLayout:
         k = slice(0, q_start + q_len)
         return masks.frame_causal(slot[q], slot[k], frame[q], frame[k], is_text[k], self.window)
 
-    def lookahead_mask(self) -> torch.Tensor:
+    def lookahead_mask(self, ahead: int = 1) -> torch.Tensor:
         _, frame, is_text = self.labels()
-        return masks.lookahead(frame, frame, is_text, self.window)
+        return masks.lookahead(frame, frame, is_text, self.window, ahead)
 
 
 @lru_cache(maxsize=64)

@@ -22,8 +22,9 @@ def frame_causal(q_slot: torch.Tensor, k_slot: torch.Tensor, q_frame: torch.Tens
 
 
 def lookahead(q_frame: torch.Tensor, k_frame: torch.Tensor, k_is_text: torch.Tensor,
-              window: int) -> torch.Tensor:
-    """Denoiser mask: a query of frame f sees all text and the video frames f-window+1 .. f+1
-    (one frame of look-ahead). Text queries are labelled frame 0, so they see frames 0 .. 1."""
-    video = (k_frame[None, :] <= q_frame[:, None] + 1) & (k_frame[None, :] > q_frame[:, None] - window)
+              window: int, ahead: int = 1) -> torch.Tensor:
+    """Denoiser mask: a query of frame f sees all text and the video frames f-window+1 .. f+ahead
+    (one frame of look-ahead by default). Text queries are labelled frame 0, so they see frames
+    0 .. ahead."""
+    video = (k_frame[None, :] <= q_frame[:, None] + ahead) & (k_frame[None, :] > q_frame[:, None] - window)
     return video | k_is_text[None, :]

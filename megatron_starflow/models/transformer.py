@@ -86,9 +86,14 @@ def _core_attention_class():
             self.layer_number = layer_number
             self.softmax_scale = softmax_scale
             self.cache_state: _CacheState | None = None
+            # A mask for this layer only (megatron convention), e.g. the denoiser's look-ahead
+            # that only its first layer may use; None = the block's mask.
+            self.mask_override: torch.Tensor | None = None
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                     attention_bias=None, packed_seq_params=None):
+            if self.mask_override is not None:
+                attention_mask = self.mask_override
             state = self.cache_state
             if state is not None:
                 past_k = state.cache.keys.get(self.layer_number)
@@ -222,16 +227,18 @@ class TransformerStack(nn.Module):
         return [layer.self_attention.core_attention for layer in self.block.layers]
 
     @contextlib.contextmanager
-    def _cached(self, cache: KVCache | None, commit: bool):
+    def _cached(self, cache: KVCache | None, commit: bool, first_layer_mask=None):
         state = None if cache is None else _CacheState(cache, commit)
         modules = self._core_attentions()
         for m in modules:
             m.cache_state = state
+        modules[0].mask_override = first_layer_mask
         try:
             yield
         finally:
             for m in modules:
                 m.cache_state = None
+            modules[0].mask_override = None
 
     def _pad_for_sp(self, x, mask, freqs):
         """Pad the sequence to a multiple of tp for sequence parallelism. Pad slots come last:
@@ -250,25 +257,32 @@ class TransformerStack(nn.Module):
         return x, full, freqs, pad
 
     def forward(self, hidden: torch.Tensor, allowed: torch.Tensor, angles: torch.Tensor,
-                cache: KVCache | None = None, commit: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, commit: bool = False,
+                first_layer_allowed: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden`` [B, S, W]; ``allowed`` [S, S_past + S] (True = attend); ``angles`` [S, d] RoPE
         angles of these S slots; with a cache, keys of earlier slots are read from it (and this
-        call's keys appended when ``commit``)."""
+        call's keys appended when ``commit``). ``first_layer_allowed`` replaces ``allowed`` in the
+        first layer only."""
         x = hidden.transpose(0, 1).contiguous()
         mask = ~allowed.reshape(1, 1, *allowed.shape[-2:]) if allowed.dim() == 2 else ~allowed
+        first = None
+        if first_layer_allowed is not None:
+            first = ~first_layer_allowed.reshape(1, 1, *first_layer_allowed.shape[-2:])
         freqs = angles.to(x.dtype)[:, None, None, :]
         if not self.sp:
-            with self._cached(cache, commit):
+            with self._cached(cache, commit, first):
                 out = self.block(x, mask, rotary_pos_emb=freqs)
             return out.transpose(0, 1)
         mc = _megatron()
         cached_before = 0 if cache is None else len(cache)
+        if first is not None:
+            first = self._pad_for_sp(x, first, freqs)[1]
         x, mask, freqs, pad = self._pad_for_sp(x, mask, freqs)
         # Forward: keep this rank's S/tp rows; backward: all-gather the row grads. Inside the block
         # the column-parallel linears all-gather the rows again, so q, k, v (and RoPE, mask and the
         # KV cache) cover the whole (padded) sequence.
         x = mc["scatter_to_sequence_parallel_region"](x)
-        with self._cached(cache, commit):
+        with self._cached(cache, commit, first):
             out = self.block(x, mask, rotary_pos_emb=freqs)
         # The flow heads after the stack are replicated: every rank computes the same full grad, so
         # the backward of this gather must split it (not reduce-scatter it).
