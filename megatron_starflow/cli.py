@@ -24,6 +24,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = args.out or cfg.train.out_dir
     result = train(cfg, run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # multi-process launch: rank 0 reports
+        return 0
     summary = {
         "run_dir": result.run_dir, "steps": result.steps, "skipped_steps": result.skipped,
         "train_seconds": round(result.seconds, 1),
@@ -36,6 +38,8 @@ def cmd_train(args) -> int:
         summary["heldout_pixel_bits_per_dim_end"] = result.eval_end["pixel_bits_per_dim"]
     if "denoiser_psnr_gain_db" in result.eval_end:
         summary["denoiser_psnr_gain_db"] = result.eval_end["denoiser_psnr_gain_db"]
+    if getattr(result, "preempted", False):
+        summary["preempted"], summary["stop_reason"] = True, result.stop_reason
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -205,13 +209,44 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--out", default="out.mp4")
     sa.add_argument("--grid", help="also write a PNG frame grid here")
     sa.set_defaults(func=cmd_sample)
+    for sub_parser in (tr, ev, sa):
+        add_launcher_arguments(sub_parser)
     return parser
+
+
+def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
+    """``--executor local|debug|slurm`` and its resources (megatron_starflow/launch/executors.py)."""
+    g = p.add_argument_group("launcher (submitit)")
+    g.add_argument("--executor", choices=["local", "debug", "slurm"], default=None,
+                   help="run through submitit: local processes, in-process debug, or SLURM")
+    g.add_argument("--nodes", type=int, default=None)
+    g.add_argument("--gpus-per-node", type=int, default=None,
+                   help="one task (process) per GPU; local CPU runs: processes")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--time", default=None, help="minutes or [D-]HH:MM[:SS]")
+    g.add_argument("--account", default=None)
+    g.add_argument("--qos", default=None)
+    g.add_argument("--constraint", default=None)
+    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--mem", default=None)
+    g.add_argument("--signal-delay-s", type=int, default=None)
+    g.add_argument("--job-name", default=None)
+    g.add_argument("--job-dir", default=None, help="submitit's folder (default RUN/submitit)")
+    g.add_argument("--slurm-config", default=None, help="YAML of launcher settings (examples/slurm/)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the sbatch script and the resolved config; submit nothing")
 
 
 def main(argv=None) -> int:
     _quiet_warnings()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "executor", None) or getattr(args, "dry_run", False) \
+                or getattr(args, "slurm_config", None):
+            from megatron_starflow.launch.executors import launch
+
+            return launch(args.command, argv, args)
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)

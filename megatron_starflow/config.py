@@ -138,6 +138,8 @@ class TrainConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "megatron_starflow"
     threads: int = 0  # torch CPU threads, 0 = torch default
+    # Peak dense TFLOP/s of one device (bf16: ~989 for an H100 SXM); 0 = MFU is not logged.
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -149,6 +151,8 @@ class ParallelConfig:
     dp: int = -1  # -1: derived from the world size
     cp: int = 1
     spec: str = "local"  # local (pure torch) | te (Transformer Engine)
+    fp8: str = "none"  # none | hybrid | e4m3 (Transformer Engine FP8 GEMMs; needs spec=te)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8 (megatron's fp8_recipe)
 
 
 @dataclass
@@ -423,6 +427,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.wandb_mode={tr.wandb_mode!r}; valid: offline, online, disabled")
     if p.spec not in ("local", "te"):
         raise ConfigError(f"parallel.spec={p.spec!r}; valid: local, te")
+    if p.fp8 not in ("none", "hybrid", "e4m3"):
+        raise ConfigError(f"parallel.fp8={p.fp8!r}; valid: none, hybrid, e4m3")
+    if p.fp8_recipe not in ("delayed", "tensorwise", "blockwise", "mxfp8"):
+        raise ConfigError(f"parallel.fp8_recipe={p.fp8_recipe!r}; valid: delayed, tensorwise, "
+                          f"blockwise, mxfp8")
+    if p.fp8 != "none" and p.spec != "te":
+        raise ConfigError(f"parallel.fp8={p.fp8} needs parallel.spec=te (FP8 runs in Transformer "
+                          f"Engine layers)")
+    if tr.peak_tflops < 0:
+        raise ConfigError(f"train.peak_tflops must be >= 0 (0 = MFU not logged), got {tr.peak_tflops}")
     if tr.warmup_steps > tr.steps:
         raise ConfigError(f"train.warmup_steps={tr.warmup_steps} exceeds train.steps={tr.steps}")
     if not (math.isfinite(d.later_frames_scale) and d.later_frames_scale > 0):

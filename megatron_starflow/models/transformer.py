@@ -167,12 +167,116 @@ def local_layer_spec():
     )
 
 
-LAYER_SPECS = {"local": local_layer_spec}
+TE_UNAVAILABLE = ("parallel.spec=te needs transformer_engine and a CUDA GPU; install "
+                  "requirements-gpu.txt on the cluster or use parallel.spec=local")
+
+
+class SpecUnavailableError(RuntimeError):
+    """A layer spec cannot be built on this machine (e.g. ``te`` without TE or CUDA)."""
+
+
+def te_layer_spec():
+    """The same layer with Transformer Engine modules (megatron's TE wrappers): the input norm is
+    fused into ``linear_qkv`` (TELayerNormColumnParallelLinear), the pre-MLP norm into
+    ``mlp.linear_fc1``, the output projections are TERowParallelLinear. Core attention stays our
+    SDPA module: it takes the arbitrary (windowed / look-ahead) boolean masks and owns the KV cache
+    that flow inversion needs (TEDotProductAttention would serve training only). FP8 follows the
+    stack's TransformerConfig (``fp8``, ``fp8_recipe``; megatron's TransformerBlock enters TE's
+    fp8 autocast itself). Parameter names differ from the local spec only in the fused norms;
+    ``te_key_map`` / ``local_key_map`` translate state dicts."""
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions.transformer_engine import (TELayerNormColumnParallelLinear,
+                                                                 TERowParallelLinear)
+    except Exception as exc:  # ImportError, or TE's own errors on a machine without CUDA libraries
+        raise SpecUnavailableError(f"{TE_UNAVAILABLE} (import failed: {exc})") from None
+    if not torch.cuda.is_available():
+        raise SpecUnavailableError(f"{TE_UNAVAILABLE} (no CUDA device)")
+    mc = _megatron()
+    ModuleSpec = mc["ModuleSpec"]
+    return ModuleSpec(
+        module=mc["TransformerLayer"],
+        submodules=mc["TransformerLayerSubmodules"](
+            input_layernorm=mc["IdentityOp"],
+            self_attention=ModuleSpec(
+                module=mc["SelfAttention"],
+                params={"attn_mask_type": mc["AttnMaskType"].arbitrary},
+                submodules=mc["SelfAttentionSubmodules"](
+                    linear_qkv=TELayerNormColumnParallelLinear,
+                    core_attention=sdpa_core_attention(),
+                    linear_proj=TERowParallelLinear,
+                    q_layernorm=mc["IdentityOp"],
+                    k_layernorm=mc["IdentityOp"],
+                ),
+            ),
+            self_attn_bda=mc["get_bias_dropout_add"],
+            pre_mlp_layernorm=mc["IdentityOp"],
+            mlp=ModuleSpec(module=mc["MLP"], submodules=mc["MLPSubmodules"](
+                linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear)),
+            mlp_bda=mc["get_bias_dropout_add"],
+            # megatron's own TE GPT spec maps the fused norms the same way for dist-checkpoints.
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                                         "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+        ),
+    )
+
+
+LAYER_SPECS = {"local": local_layer_spec, "te": te_layer_spec}
+
+# Local-spec key fragment -> TE-spec key fragment (names verified in megatron-core 0.16's
+# extensions/transformer_engine.py and post_training/modelopt/gpt/state_dict_hooks.py).
+_TE_RENAMES = (
+    (".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight"),
+    (".input_layernorm.bias", ".self_attention.linear_qkv.layer_norm_bias"),
+    (".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight"),
+    (".pre_mlp_layernorm.bias", ".mlp.linear_fc1.layer_norm_bias"),
+)
+
+
+def _rename(state: dict, pairs) -> dict:
+    out = {}
+    for key, value in state.items():
+        for old, new in pairs:
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+                break
+        if key in out:
+            raise KeyError(f"state dict key {key} would be written twice")
+        out[key] = value
+    return out
+
+
+def te_key_map(local_state_dict: dict) -> dict:
+    """State dict of the local spec -> the names the TE spec uses (the fused layer norms); every
+    other key, including ``_extra_state`` entries, is kept as is."""
+    return _rename(local_state_dict, _TE_RENAMES)
+
+
+def local_key_map(te_state_dict: dict) -> dict:
+    """Inverse of ``te_key_map``."""
+    return _rename(te_state_dict, [(new, old) for old, new in _TE_RENAMES])
+
+
+# Transformer Engine options read by every TransformerStack built inside ``te_options``.
+_TE_OPTIONS = {"fp8": "none", "fp8_recipe": "delayed"}
+
+
+@contextlib.contextmanager
+def te_options(fp8: str = "none", fp8_recipe: str = "delayed"):
+    """Build stacks with FP8 (``parallel.fp8``: none | hybrid | e4m3) and its recipe
+    (``parallel.fp8_recipe``); only meaningful with ``parallel.spec=te``."""
+    saved = dict(_TE_OPTIONS)
+    _TE_OPTIONS.update(fp8=fp8, fp8_recipe=fp8_recipe)
+    try:
+        yield
+    finally:
+        _TE_OPTIONS.clear()
+        _TE_OPTIONS.update(saved)
 
 
 def transformer_config(width: int, layers: int, head_dim: int, mlp_ratio: int, init_std: float,
                        recompute: bool = False, params_dtype=torch.float32, tp: int = 1,
-                       sp: bool = False):
+                       sp: bool = False, fp8: str = "none", fp8_recipe: str = "delayed"):
     """The megatron TransformerConfig of one stack, matching the authors' layer: LayerNorm eps 1e-5
     with bias, exact-erf GELU, biases on every linear, no dropout, interleaved RoPE pairs."""
     mc = _megatron()
@@ -188,6 +292,7 @@ def transformer_config(width: int, layers: int, head_dim: int, mlp_ratio: int, i
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
+        **({"fp8": fp8, "fp8_recipe": fp8_recipe} if fp8 != "none" else {}),
     )
 
 
@@ -213,11 +318,16 @@ class TransformerStack(nn.Module):
         if heads % tp:
             raise ValueError(f"width {width} / head_dim {head_dim} = {heads} heads is not divisible "
                              f"by parallel.tp={tp}")
+        fp8 = _TE_OPTIONS["fp8"]
+        if fp8 != "none" and spec != "te":
+            raise ValueError(f"parallel.fp8={fp8} needs parallel.spec=te (FP8 GEMMs are Transformer "
+                             f"Engine layers)")
+        layer = LAYER_SPECS[spec]()  # raises SpecUnavailableError early for te without TE/CUDA
         mc = _megatron()
         self.config = transformer_config(width, layers, head_dim, mlp_ratio, init_std, recompute,
-                                         tp=tp, sp=bool(sp and tp > 1))
+                                         tp=tp, sp=bool(sp and tp > 1), fp8=fp8,
+                                         fp8_recipe=_TE_OPTIONS["fp8_recipe"])
         self.tp, self.sp = tp, self.config.sequence_parallel
-        layer = LAYER_SPECS[spec]()
         self.block = mc["TransformerBlock"](
             self.config, mc["TransformerBlockSubmodules"](layer_specs=[layer] * layers),
             post_layer_norm=False)

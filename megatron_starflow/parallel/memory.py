@@ -63,6 +63,7 @@ class Stack:
     mlp_ratio: int
     head_slots: int = 0  # video slots the flow head reads (0 = no flow head, e.g. a denoiser head)
     head_channels: int = 0
+    masks: int = 1  # boolean [S, S] masks the stack holds (the denoiser: 2 with first-layer look-ahead)
 
 
 def layer_activation_bytes(s: Stack, micro_batch: int, act: int, tp: int = 1, sp: bool = False) -> float:
@@ -77,16 +78,18 @@ def layer_activation_bytes(s: Stack, micro_batch: int, act: int, tp: int = 1, sp
 
 
 def stack_activation_bytes(s: Stack, micro_batch: int, act: int, tp: int = 1, sp: bool = False,
-                           recompute: bool = False) -> float:
-    """Peak activation bytes of one stack (and its flow head) for one micro-batch."""
+                           recompute: bool = False, peak: bool = True) -> float:
+    """Peak activation bytes of one stack (and its flow head) for one micro-batch; with recompute,
+    ``peak=False`` gives what is saved at the end of the forward (without the one layer that the
+    backward recomputes at a time)."""
     b = micro_batch * s.sequences
     t_sp = tp if sp else 1
     layer = layer_activation_bytes(s, micro_batch, act, tp, sp)
     if recompute:
-        body = s.layers * act * s.seq_len * b * s.width / t_sp + layer
+        body = s.layers * act * s.seq_len * b * s.width / t_sp + (layer if peak else 0.0)
     else:
         body = s.layers * layer
-    shared = s.seq_len**2 + act * s.seq_len * s.head_dim
+    shared = s.masks * s.seq_len**2 + act * s.seq_len * s.head_dim
     head = 0.0
     if s.head_slots:
         n = s.head_slots * micro_batch
@@ -110,24 +113,32 @@ def model_stacks(cfg: Config, grid: tuple[int, int, int] | None = None) -> dict[
     if m.use_denoiser:
         wd = m.resolved_denoiser_width
         out["denoiser"] = [Stack("denoiser", wd, m.denoiser_layers, L + n, 1, wd // m.head_dim,
-                                 m.head_dim, m.mlp_ratio, n, c // 2)]
+                                 m.head_dim, m.mlp_ratio, n, c // 2,
+                                 masks=2 if m.denoiser_lookahead == "first_layer" else 1)]
     return out
 
 
 def activation_bytes(cfg: Config, blocks, micro_batch: int = 1, act: int = 2, tp: int = 1,
-                     sp: bool = False, recompute: bool = False, grid=None) -> float:
-    """Activations of one micro-batch through the flow blocks ``blocks`` (all of them held at
-    once: the forward's saved tensors at the start of the backward)."""
+                     sp: bool = False, recompute: bool = False, grid=None, peak: bool = True,
+                     in_flight: int = 1, denoiser: bool = False) -> float:
+    """Activations of ``in_flight`` micro-batches through the flow blocks ``blocks`` (or of the
+    denoiser), all saved at once (the forward's saved tensors at the start of the backward). With
+    recompute and ``peak``, plus the one layer the backward recomputes at a time (the largest)."""
     stacks = model_stacks(cfg, grid)
-    return sum(stack_activation_bytes(s, micro_batch, act, tp, sp, recompute)
-               for i in blocks for s in stacks[i])
+    chosen = stacks.get("denoiser", []) if denoiser else [s for i in blocks for s in stacks[i]]
+    if not chosen:
+        return 0.0
+    saved = in_flight * sum(stack_activation_bytes(s, micro_batch, act, tp, sp, recompute, peak=False)
+                            for s in chosen)
+    if recompute and peak:
+        saved += max(layer_activation_bytes(s, micro_batch, act, tp, sp) for s in chosen)
+    return saved
 
 
 def denoiser_activation_bytes(cfg: Config, micro_batch: int = 1, act: int = 2, tp: int = 1,
-                              sp: bool = False, recompute: bool = False, grid=None) -> float:
-    stacks = model_stacks(cfg, grid)
-    return sum(stack_activation_bytes(s, micro_batch, act, tp, sp, recompute)
-               for s in stacks.get("denoiser", []))
+                              sp: bool = False, recompute: bool = False, grid=None,
+                              peak: bool = True) -> float:
+    return activation_bytes(cfg, (), micro_batch, act, tp, sp, recompute, grid, peak, denoiser=True)
 
 
 # ------------------------------------------------------------------------------ parameters
@@ -204,7 +215,7 @@ def estimate(cfg: Config, layout: Layout, inventory: ParamInventory | None = Non
         inflight = layout.pp - s
         kw = dict(micro_batch=layout.micro_batch, act=act, tp=layout.tp, sp=sp,
                   recompute=layout.recompute)
-        flow = inflight * activation_bytes(cfg, blocks, **kw)
+        flow = activation_bytes(cfg, blocks, in_flight=inflight, **kw)
         den = denoiser_activation_bytes(cfg, **kw) if s == 0 else 0.0
         row = {"stage": s, "blocks": list(blocks), "params_per_rank": params,
                "in_flight_microbatches": inflight,

@@ -9,7 +9,8 @@ What is counted (2 FLOPs per multiply-add), per sample, for every stack and proj
   shallow blocks are causal within each frame (S = H*W per frame, T frames per sample, P =
   S(S+1)/2); the deep block is causal over text + T*H*W slots, restricted to the last
   ``model.attn_window`` frames when set (text keys stay visible); the denoiser sees all text and
-  frames f-window+1 .. f+1 (``masks.lookahead``). ``attention="dense"`` counts P = S*S instead,
+  frames f-window+1 .. f+1 in its first layer and .. f in the others (``masks.lookahead``,
+  ``model.denoiser_lookahead=first_layer``; every layer with ``every_layer``). ``attention="dense"`` counts P = S*S instead,
   which is what the kernels execute (SDPA with a boolean mask computes every pair) and what torch's
   FlopCounterMode reports;
 * flow-block projections (proj_in on every video slot, proj_txt on the text prefix of the deep
@@ -46,11 +47,11 @@ def causal_pairs(text_len: int, frames: int, per_frame: int, window: int = 0) ->
     return total
 
 
-def lookahead_pairs(text_len: int, frames: int, per_frame: int, window: int) -> int:
-    """Allowed pairs of ``layout.lookahead_mask()``: every query sees all text keys and the video
-    frames f-window+1 .. f+1 (text queries are labelled frame 0)."""
+def lookahead_pairs(text_len: int, frames: int, per_frame: int, window: int, ahead: int = 1) -> int:
+    """Allowed pairs of ``layout.lookahead_mask(ahead)``: every query sees all text keys and the
+    video frames f-window+1 .. f+ahead (text queries are labelled frame 0)."""
     def visible(f: int) -> int:
-        lo, hi = max(0, f - window + 1), min(frames - 1, f + 1)
+        lo, hi = max(0, f - window + 1), min(frames - 1, f + ahead)
         return text_len + per_frame * max(0, hi - lo + 1)
 
     return text_len * visible(0) + sum(per_frame * visible(f) for f in range(frames))
@@ -160,8 +161,15 @@ def model_flops(cfg: Config, batch: int | None = None, grid: tuple[int, int, int
         + 2 * n * m.deep_width * 2 * c
     if m.use_denoiser:
         wd = m.resolved_denoiser_width
-        stacks.append(StackFlops("denoiser", wd, m.denoiser_layers, s_deep, 1,
-                                 pairs(s_deep, lookahead_pairs(L, t, hw, m.denoiser_window)), r))
+        # first_layer (default): layer 1 looks one frame ahead, later layers are frame-causal
+        # (ahead=0); every_layer: the one-frame look-ahead in every layer.
+        first_only = getattr(m, "denoiser_lookahead", "every_layer") == "first_layer"
+        ahead_layers = 1 if first_only else m.denoiser_layers
+        stacks.append(StackFlops("denoiser", wd, ahead_layers, s_deep, 1,
+                                 pairs(s_deep, lookahead_pairs(L, t, hw, m.denoiser_window, 1)), r))
+        if m.denoiser_layers > ahead_layers:
+            stacks.append(StackFlops("denoiser_causal_layers", wd, m.denoiser_layers - ahead_layers,
+                                     s_deep, 1, pairs(s_deep, lookahead_pairs(L, t, hw, m.denoiser_window, 0)), r))
         proj["denoiser_proj"] = 2 * L * m.text_width * wd + 2 * n * c * wd + 2 * n * wd * c
     notes = []
     if text_encoder and cfg.text.encoder == "sentencepiece":

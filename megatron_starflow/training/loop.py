@@ -16,6 +16,7 @@ from megatron_starflow.evaluation.likelihood import evaluate
 from megatron_starflow.parallel.state import ensure_single_process
 from megatron_starflow.training import checkpoint as ckpt
 from megatron_starflow.training.builders import StarFlowSystem, collate, make_datasets, tokenizer_path
+from megatron_starflow.training.flops import model_flops, step_metrics
 from megatron_starflow.training.losses import add_noise, flow_and_fsm_backward
 from megatron_starflow.training.metrics import MetricsLogger
 from megatron_starflow.training.schedule import lr_at
@@ -31,6 +32,8 @@ class TrainResult:
     eval_start: dict
     eval_end: dict
     seconds: float
+    preempted: bool = False  # stopped by SIGTERM/SIGUSR1 after a checkpoint (and a requeue)
+    stop_reason: str = ""
 
 
 def _param_groups(system: StarFlowSystem) -> tuple[list, list]:
@@ -58,7 +61,19 @@ def build_system(cfg: Config, run_dir: str) -> StarFlowSystem:
     return system.to(DTYPES[cfg.train.dtype])
 
 
-def train(cfg: Config, run_dir: str | None = None, quiet: bool = False) -> TrainResult:
+def train(cfg: Config, run_dir: str | None = None, quiet: bool = False, preemption=None) -> TrainResult:
+    """Train (one process, or every rank of a torchrun / submitit / SLURM launch): the loop of
+    ``training/distributed_loop.py``, which resumes exactly (sampler position and every RNG state
+    are checkpointed), guards against divergence and checkpoints on preemption. An uninterrupted
+    one-process run takes the same steps as :func:`train_legacy`."""
+    from megatron_starflow.training.distributed_loop import train as train_any
+
+    return train_any(cfg, run_dir, quiet, preemption)
+
+
+def train_legacy(cfg: Config, run_dir: str | None = None, quiet: bool = False) -> TrainResult:
+    """The original one-process loop (kept for comparison: it resumed at the start of the saved
+    epoch and re-seeded the noise generator, so a resumed run was not exact)."""
     tr = cfg.train
     run_dir = run_dir or tr.out_dir
     os.makedirs(run_dir, exist_ok=True)
@@ -137,6 +152,8 @@ def train(cfg: Config, run_dir: str | None = None, quiet: bool = False) -> Train
                   "grad_norm": flow_norm, "denoiser_grad_norm": den_norm, "lr": lr,
                   "skipped": skipped, "tokens_per_s": tokens.shape[0] * tokens[0, ..., 0].numel() / dt,
                   "epoch": epoch}
+        # model_flops_per_step, tflops_per_s, and mfu/hfu when train.peak_tflops > 0
+        record.update(step_metrics(model_flops(cfg, tokens.shape[0], tuple(tokens.shape[1:4])), dt, tr.peak_tflops))
         if (step + 1) % tr.log_every == 0 or step + 1 == tr.steps:
             logger.log(record)
             progress.set_postfix(bpd=f"{record['bits_per_dim']:.3f}", fsm=f"{record['fsm_loss'] or 0:.3f}",
