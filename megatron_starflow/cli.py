@@ -128,6 +128,10 @@ def cmd_sample(args) -> int:
     from megatron_starflow.sampling.video_io import (auto_upscale, frame_grid, read_video,
                                                       write_mp4, write_png)
 
+    if getattr(args, "cp", 1) != 1:  # context-parallel: N ranks share the frames
+        from megatron_starflow.sampling.cp_jacobi import cmd_sample_cp
+
+        return cmd_sample_cp(args)
     prompts = _read_prompts(args)
     from megatron_starflow.sampling.generate import check_prompts
 
@@ -208,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--tau", type=float, default=1e-3)
     sa.add_argument("--out", default="out.mp4")
     sa.add_argument("--grid", help="also write a PNG frame grid here")
+    sa.add_argument("--cp", type=int, default=1,
+                    help="context-parallel ranks sharing the frames (pipelined Jacobi); spawns N "
+                         "local gloo processes unless torchrun/SLURM started N")
     sa.set_defaults(func=cmd_sample)
     for sub_parser in (tr, ev, sa):
         add_launcher_arguments(sub_parser)

@@ -3,6 +3,7 @@
 
     python tools/benchmark.py sampling --checkpoint runs/tiny [--prompts 2] [--seed 0]
                                        [--tau 1e-3] [--block-size 16 64]
+    python tools/benchmark.py sampling --cp 2 --checkpoint runs/tiny   # one-rank vs 2 CP ranks
 
 ``sampling`` loads a checkpoint and generates the same T2V batch (same prompts, same noise) three
 ways: (a) sequential, KV-cached, token by token; (b) plain block Jacobi (chunks start from z);
@@ -129,7 +130,87 @@ def run_sampling_benchmark(checkpoint: str, prompts: int = 2, seed: int = 0, tau
     }
 
 
+def run_cp_sampling_benchmark(checkpoint: str, cp: int = 2, prompts: int = 2, seed: int = 0,
+                              tau: float = 1e-3, block_size: tuple[int, ...] = (16, 64),
+                              frames: int = 0, guidance: float = 0.0, warmup: int = 1,
+                              threads: int = 0) -> dict:
+    """One-rank video-aware Jacobi (this process) vs ``cp`` context-parallel ranks (pipelined
+    Jacobi, spawned local gloo processes) on the same T2V batch and noise, in one run: wall seconds,
+    deep / shallow network evaluations, per-rank timings and the largest token / video difference
+    between the two. Each CP process gets ``threads`` torch threads (default cores / cp); the
+    one-rank run gets ``threads * cp`` (the same cores in all)."""
+    import os
+    import tempfile
+
+    import torch
+
+    from megatron_starflow.cli import load_system
+    from megatron_starflow.parallel.context_parallel import spawn_local
+    from megatron_starflow.sampling.cp_jacobi import _rank_summary, benchmark_worker
+    from megatron_starflow.sampling.generate import generate
+    from megatron_starflow.sampling.jacobi import SolverOptions
+
+    if cp < 2:
+        raise ValueError(f"--cp must be >= 2 for the context-parallel comparison, got {cp}")
+    if not block_size or len(block_size) > 2 or min(block_size) < 1:
+        raise ValueError(f"--block-size takes one or two sizes >= 1, got {list(block_size)}")
+    if tau < 0:
+        raise ValueError(f"--tau must be >= 0, got {tau}")
+    per_rank = threads or max(1, (os.cpu_count() or 1) // cp)
+    torch.set_num_threads(per_rank * cp)
+    system, step, step_dir = load_system(checkpoint)
+    captions = _prompts(prompts)
+    frames = frames or system.cfg.data.frames
+    opts = dict(solver="jacobi", first_block=block_size[0], later_block=block_size[-1], tau=tau,
+                video_aware=True, guidance=guidance)
+    for _ in range(warmup):
+        generate(system, captions[:1], frames, seed, SolverOptions(**opts))
+    t0 = time.perf_counter()
+    one = generate(system, captions, frames, seed, SolverOptions(**opts))
+    one_seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "cp.pt")
+        t0 = time.perf_counter()
+        spawn_local(cp, benchmark_worker, checkpoint, captions, frames, seed, opts, warmup, path,
+                    threads=per_rank)
+        launch_seconds = time.perf_counter() - t0
+        res = torch.load(path, weights_only=False)
+    t, h, w, c = one.tokens.shape[1:]
+    return {
+        "benchmark": "sampling_cp",
+        "checkpoint": step_dir, "step": step, "prompts": len(captions), "seed": seed,
+        "frames": frames, "token_grid": [t, h, w, c], "tau": tau,
+        "block_size": [block_size[0], block_size[-1]], "guidance": guidance,
+        "dtype": str(system.dtype).replace("torch.", ""), "cpu_count": os.cpu_count(),
+        "one_rank": {"seconds": one_seconds, "invert_seconds": one.seconds.get("invert"),
+                     "torch_threads": per_rank * cp,
+                     "deep_network_evals": one.deep.network_evals,
+                     "shallow_network_evals": one.shallow.network_evals,
+                     "deep_jacobi_iterations": one.deep.iterations},
+        "cp": {"ranks": cp, "seconds": res["seconds"], "invert_seconds": res["invert_seconds"],
+               "torch_threads_per_rank": res["threads"],
+               "launch_seconds_incl_process_start": launch_seconds,
+               "deep_network_evals": res["deep_network_evals"],
+               "shallow_network_evals": res["shallow_network_evals"],
+               "frames_per_rank": res["ranges"], **_rank_summary(res["ranks"]),
+               "per_rank": [{k: r[k] for k in ("rank", "frames", "network_evals",
+                                               "speculative_passes", "context_passes",
+                                               "final_passes", "iterations", "compute_seconds",
+                                               "communication_seconds", "idle_seconds",
+                                               "wall_seconds")} for r in res["ranks"]]},
+        "speedup_cp_vs_one_rank": one_seconds / max(res["seconds"], 1e-12),
+        "max_abs_token_diff": _max_abs(res["tokens"], one.tokens),
+        "max_abs_video_diff": int(round(_max_abs(res["video"], one.video))),
+    }
+
+
 def cmd_sampling(args) -> int:
+    if args.cp != 1:
+        result = run_cp_sampling_benchmark(args.checkpoint, args.cp, args.prompts, args.seed,
+                                           args.tau, tuple(args.block_size), args.frames, args.cfg,
+                                           args.warmup, args.threads)
+        print(json.dumps(result, indent=2))
+        return 0
     result = run_sampling_benchmark(args.checkpoint, args.prompts, args.seed, args.tau,
                                     tuple(args.block_size), args.frames, args.cfg, args.warmup,
                                     args.repeats, args.threads)
@@ -221,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations")
     sa.add_argument("--repeats", type=int, default=1, help="timed runs per method (min is kept)")
     sa.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    sa.add_argument("--cp", type=int, default=1,
+                    help="N >= 2: one-rank vs N context-parallel ranks (pipelined Jacobi)")
     sa.set_defaults(func=cmd_sampling)
 
     da = sub.add_parser("data", help="clips/s: DALI CPU vs PyAV decoding vs latent shards")

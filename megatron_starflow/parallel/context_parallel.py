@@ -110,26 +110,60 @@ class Message:
 
 
 class Link:
-    """One direction of the rank r -> r+1 stream, on a two-rank group of its own."""
+    """One direction of the rank r -> r+1 stream, on a two-rank group of its own. ``send`` only
+    enqueues: a sender thread does the (blocking) gloo sends, so compute never waits for rank r+1
+    to be scheduled; ``close`` flushes."""
 
     def __init__(self, group, peer: int):
         self.group, self.peer = group, peer
-        self.seconds = 0.0
+        self.seconds = 0.0  # sender thread time inside sends (overlapped with compute)
+        self.enqueue_seconds = 0.0  # main thread
         self.messages = 0
         self.bytes = 0
+        self.queue: queue.Queue = queue.Queue()
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            msg = self.queue.get()
+            if msg is None:
+                return
+            try:
+                t0 = time.perf_counter()
+                header = torch.tensor([msg.final_len, msg.kv_from, msg.kv_to, msg.tokens.shape[1],
+                                       int(msg.last)], dtype=torch.long)
+                dist.send(header, self.peer, group=self.group)
+                dist.send(msg.tokens, self.peer, group=self.group)
+                if msg.kv_to > msg.kv_from:
+                    dist.send(msg.kv, self.peer, group=self.group)
+                self.seconds += time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001 - raised by close()
+                self.error = exc
+                return
 
     def send(self, msg: Message) -> None:
         t0 = time.perf_counter()
-        header = torch.tensor([msg.final_len, msg.kv_from, msg.kv_to, msg.tokens.shape[1],
-                               int(msg.last)], dtype=torch.long)
-        dist.send(header, self.peer, group=self.group)
-        dist.send(msg.tokens.contiguous(), self.peer, group=self.group)
+        if self.error is not None:
+            raise RuntimeError(f"context-parallel send to rank {self.peer} failed") from self.error
+        msg.tokens = msg.tokens.contiguous()
         self.bytes += msg.tokens.numel() * msg.tokens.element_size()
-        if msg.kv_to > msg.kv_from:
-            dist.send(msg.kv.contiguous(), self.peer, group=self.group)
+        if msg.kv is not None:
+            msg.kv = msg.kv.contiguous()
             self.bytes += msg.kv.numel() * msg.kv.element_size()
+        self.queue.put(msg)
         self.messages += 1
-        self.seconds += time.perf_counter() - t0
+        self.enqueue_seconds += time.perf_counter() - t0
+
+    def close(self) -> float:
+        """Wait until every message is sent; -> seconds waited."""
+        t0 = time.perf_counter()
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"context-parallel send to rank {self.peer} failed") from self.error
+        return time.perf_counter() - t0
 
 
 class Inbox:
@@ -374,10 +408,30 @@ def cp_flow_nll(model, tokens: torch.Tensor, text: torch.Tensor, group,
 
 
 def allreduce_cp_grads(parameters, group) -> None:
-    """Sum the partial parameter grads of the CP ranks (each holds the grads through its slice)."""
-    for p in parameters:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
+    """Sum the partial parameter grads of the CP ranks (each holds the grads through its slice).
+    A parameter some ranks never used (rank 0 alone holds the text projection and sos) has no
+    grad there: it gets zeros first, so every rank reduces the same tensors (one flat buffer per
+    dtype). Parameters without a grad on every rank are left alone."""
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(has, group=group)
+    chosen = [p for p, h in zip(params, has.tolist()) if h]
+    for p in chosen:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict = {}
+    for p in chosen:
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group_params in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group_params])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for p in group_params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
 
 
 def context_parallel_group():

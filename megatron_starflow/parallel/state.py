@@ -131,13 +131,16 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str
     cpu_backend.install()
     if not dist.is_initialized():
         rank, world, local_rank = _rank_and_world()
-        if world == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        if world == 1 and "MASTER_PORT" not in os.environ:
+            # A lone process gets its own free port without touching os.environ, so that
+            # subprocesses it starts later (tools, tests, sweeps) do not inherit a bound port.
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world)
     world = dist.get_world_size()
     if world % (tp * pp * cp):
         raise ValueError(f"world size {world} is not divisible by parallel.tp * parallel.pp * "

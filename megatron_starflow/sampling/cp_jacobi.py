@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_starflow.models.transformer import KVCache
 from megatron_starflow.parallel.context_parallel import (Inbox, Link, Message, frame_split,
                                                          pair_groups)
 from megatron_starflow.sampling.jacobi import BlockInverter, SolverOptions, SolverStats
@@ -55,8 +54,9 @@ class RankTimings:
     final_passes: int = 0
     iterations: list[int] = field(default_factory=list)  # per final-mode chunk (commit included)
     compute_seconds: float = 0.0
-    communication_seconds: float = 0.0  # sending (main thread)
-    receive_seconds: float = 0.0  # receiving (background thread, overlapped with compute)
+    communication_seconds: float = 0.0  # main thread: packing/enqueueing messages + final flush
+    send_seconds: float = 0.0  # sender thread inside gloo sends (overlapped with compute)
+    receive_seconds: float = 0.0  # receiver thread inside gloo receives (overlapped)
     idle_seconds: float = 0.0  # blocked waiting for upstream values
     wall_seconds: float = 0.0
     messages_sent: int = 0
@@ -106,8 +106,9 @@ class CPBlockInverter(BlockInverter):
         text = self.layout.text_len
         for msg in msgs:
             self.timing.messages_received += 1
-            x[:, :msg.tokens.shape[1]] = msg.tokens
+            x[:, :msg.tokens.shape[1]] = msg.tokens.to(x.device)
             if msg.kv is not None:
+                msg.kv = msg.kv.to(x.device)
                 if msg.kv_from != self._final_len():
                     raise RuntimeError(f"rank {self.rank}: KV for slots {msg.kv_from}.. arrived, "
                                        f"cache holds {self._final_len()}")
@@ -129,11 +130,12 @@ class CPBlockInverter(BlockInverter):
             lo, hi = text + self.sent_final, text + final
             kv = torch.stack([self.final.keys[i][lo:hi] for i in ids]
                              + [self.final.values[i][lo:hi] for i in ids])
-        self.out_link.send(Message(final, self.sent_final, final, x[:, :upto].clone(), kv, last))
+        # Messages travel over gloo from host memory (a GPU run stages them through the CPU).
+        kv = None if kv is None else kv.cpu()
+        self.out_link.send(Message(final, self.sent_final, final, x[:, :upto].cpu().clone(), kv, last))
         self.sent_final = final
         self.timing.messages_sent = self.out_link.messages
         self.timing.bytes_sent = self.out_link.bytes
-        self.timing.communication_seconds = self.out_link.seconds
 
     def _pass(self, x, start, size, z, commit, kind):
         first = x[:, start - 1:start] if start else torch.zeros_like(x[:, :1])
@@ -261,6 +263,10 @@ class CPBlockInverter(BlockInverter):
             inbox.thread.join()
             self.timing.receive_seconds = inbox.seconds
         self._final_mode(x, z, start, e_tok, warm)
+        if self.out_link is not None:
+            flush = self.out_link.close()
+            self.timing.communication_seconds = self.out_link.enqueue_seconds + flush
+            self.timing.send_seconds = self.out_link.seconds
         self.timing.network_evals = self.stats.network_evals
         self.timing.token_evals = self.stats.token_evals
         self.timing.wall_seconds = time.perf_counter() - self._t0
@@ -271,6 +277,9 @@ class CPBlockInverter(BlockInverter):
 def cp_invert_block(block, z, layout, opts, text=None, uncond=None, prefix=None, group=None,
                     ranges=None, warm_start: bool = True):
     """All ranks: -> (this rank's tokens, its SolverStats, its RankTimings, the frame ranges)."""
+    if opts.solver != "jacobi":
+        raise ValueError(f"context-parallel sampling runs the pipelined Jacobi solver, not "
+                         f"solver={opts.solver!r}")
     group = group or dist.group.WORLD
     size = dist.get_world_size(group)
     hw = layout.tokens_per_frame
@@ -362,3 +371,115 @@ def cp_generate(system, captions: list[str], frames: int | None = None, seed: in
     out.ranks = [p[3] for p in parts]
     out.ranges = ranges
     return out
+
+
+# ------------------------------------------------------------------------------ entry points
+
+def _rank_summary(ranks: list[dict]) -> dict:
+    """Critical-path view of per-rank timings: the last rank to finish sets the wall time."""
+    return {
+        "max_wall_seconds": max(r["wall_seconds"] for r in ranks),
+        "network_evals_total": sum(r["network_evals"] for r in ranks),
+        "network_evals_max_rank": max(r["network_evals"] for r in ranks),
+        "final_passes_total": sum(r["final_passes"] for r in ranks),
+    }
+
+
+def sample_worker(args) -> None:
+    """One rank of ``launch.py sample --cp N`` (spawned locally, or started by torchrun/SLURM):
+    every rank loads the checkpoint and samples its frames; rank 0 writes the mp4(s) / grid and
+    prints the same JSON record as one-rank sampling, plus ``cp`` and per-rank ``cp_ranks``."""
+    import json
+    import os
+
+    from megatron_starflow.cli import _quiet_warnings, load_system
+    from megatron_starflow.sampling.video_io import (auto_upscale, frame_grid, read_video,
+                                                      write_mp4, write_png)
+
+    _quiet_warnings()
+    prompts = args._prompts
+    prefix = None
+    if args.task in ("i2v", "v2v"):
+        frames = read_video(args.image if args.task == "i2v" else args.video)
+        if args.task == "i2v":
+            frames = frames[:1]
+        elif args.context_frames:
+            frames = frames[:args.context_frames]
+        prefix = torch.from_numpy(frames)
+    system, step, _ = load_system(args.checkpoint)
+    if dist.get_world_size() != args.cp:
+        raise ValueError(f"--cp {args.cp} but the launcher started {dist.get_world_size()} processes")
+    opts = SolverOptions(solver="jacobi", first_block=args.block_size[0],
+                         later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)
+    out = cp_generate(system, prompts, args.frames, args.seed, opts, prefix)
+    if dist.get_rank() == 0:
+        video = out.video.numpy()
+        fps = system.cfg.data.fps
+        up = auto_upscale(video.shape[2])
+        paths = []
+        root, ext = os.path.splitext(args.out)
+        for i in range(video.shape[0]):
+            path = args.out if video.shape[0] == 1 else f"{root}_{i}{ext or '.mp4'}"
+            paths.append(write_mp4(path, video[i], fps=min(fps, 8), upscale=up))
+        if args.grid:
+            write_png(args.grid, frame_grid(video, upscale=max(1, up // 2)))
+        record = {"task": args.task, "prompts": prompts, "outputs": paths, "grid": args.grid,
+                  "checkpoint_step": step, "solver": "jacobi", "cfg": args.cfg, "seed": args.seed,
+                  "seconds": {k: round(v, 3) for k, v in out.seconds.items()},
+                  "deep_network_evals": out.deep.network_evals,
+                  "shallow_network_evals": out.shallow.network_evals,
+                  "jacobi_iterations": out.deep.iterations,
+                  "cp": args.cp, "cp_frames": out.ranges, "cp_summary": _rank_summary(out.ranks),
+                  "cp_ranks": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                               for r in out.ranks]}
+        print(json.dumps(record), flush=True)
+    dist.barrier()
+
+
+def cmd_sample_cp(args) -> int:
+    """``launch.py sample ... --cp N``: under torchrun / SLURM with N processes, run this rank;
+    otherwise spawn N local gloo processes."""
+    from megatron_starflow.cli import _read_prompts
+    from megatron_starflow.parallel.context_parallel import launched_world, spawn_local
+    from megatron_starflow.sampling.generate import check_prompts
+
+    if args.cp < 1:
+        raise ValueError(f"--cp must be >= 1, got {args.cp}")
+    if args.solver != "jacobi":
+        raise ValueError("--cp N > 1 runs the pipelined Jacobi solver; drop --solver sequential")
+    args._prompts = _read_prompts(args)
+    check_prompts(args._prompts)
+    if args.task in ("i2v", "v2v") and not (args.image if args.task == "i2v" else args.video):
+        raise ValueError(f"--task {args.task} needs --{'image' if args.task == 'i2v' else 'video'} PATH")
+    world = launched_world()
+    if world:
+        if world != args.cp:
+            raise ValueError(f"--cp {args.cp} but the launcher started {world} processes")
+        sample_worker(args)
+    else:
+        spawn_local(args.cp, sample_worker, args)
+    return 0
+
+
+def benchmark_worker(checkpoint: str, captions: list[str], frames: int, seed: int, opts: dict,
+                     warmup: int, out_path: str) -> None:
+    """One rank of ``tools/benchmark.py sampling --cp N``: warm up, then time one CP generation
+    (from a barrier to the end of the deep + shallow inversion); rank 0 saves tokens and timings."""
+    from megatron_starflow.cli import _quiet_warnings, load_system
+
+    _quiet_warnings()
+    system, _, _ = load_system(checkpoint)
+    solver = SolverOptions(**opts)
+    for _ in range(warmup):
+        cp_generate(system, captions[:1], frames, seed, solver)
+    dist.barrier()
+    t0 = time.perf_counter()
+    out = cp_generate(system, captions, frames, seed, solver)
+    seconds = time.perf_counter() - t0
+    if dist.get_rank() == 0:
+        torch.save({"seconds": seconds, "tokens": out.tokens, "video": out.video,
+                    "deep_network_evals": out.deep.network_evals,
+                    "shallow_network_evals": out.shallow.network_evals,
+                    "invert_seconds": out.seconds.get("invert"), "ranks": out.ranks,
+                    "ranges": out.ranges, "threads": torch.get_num_threads()}, out_path)
+    dist.barrier()

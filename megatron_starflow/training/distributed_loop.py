@@ -398,7 +398,9 @@ def train(cfg: Config, run_dir: str | None = None, quiet: bool = False,
                 system.train()
             if (step + 1) % tr.ckpt_every == 0 or step + 1 == tr.steps:
                 save_pending = True
-            if save_pending and streak == 0:  # never during a streak of skipped steps
+            # Not during a streak of skipped steps (so `latest` predates it), except at the end
+            # of the run (skipped steps change no weights: it still holds the pre-streak ones).
+            if save_pending and (streak == 0 or step + 1 == tr.steps):
                 save(step + 1)
                 save_pending = False
             if tr.max_consecutive_skips and streak >= tr.max_consecutive_skips:
