@@ -119,41 +119,30 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
-def cmd_sample(args) -> int:
-    import numpy as np
+def conditioning_frames(args):
+    """The given frames of --task i2v / v2v as a uint8 tensor [F, H, W, 3] (None for t2v)."""
     import torch
 
-    from megatron_starflow.sampling.generate import generate
-    from megatron_starflow.sampling.jacobi import SolverOptions
-    from megatron_starflow.sampling.video_io import (auto_upscale, frame_grid, read_video,
-                                                      write_mp4, write_png)
+    from megatron_starflow.sampling.video_io import read_video
 
-    if getattr(args, "cp", 1) != 1:  # context-parallel: N ranks share the frames
-        from megatron_starflow.sampling.cp_jacobi import cmd_sample_cp
+    if args.task not in ("i2v", "v2v"):
+        return None
+    source = args.image if args.task == "i2v" else args.video
+    if not source:
+        raise ValueError(f"--task {args.task} needs --{'image' if args.task == 'i2v' else 'video'} PATH")
+    frames = read_video(source)
+    if args.task == "i2v":
+        frames = frames[:1]
+    elif args.context_frames:
+        frames = frames[:args.context_frames]
+    return torch.from_numpy(frames)
 
-        return cmd_sample_cp(args)
-    prompts = _read_prompts(args)
-    from megatron_starflow.sampling.generate import check_prompts
 
-    check_prompts(prompts)
-    prefix = None
-    if args.task in ("i2v", "v2v"):
-        source = args.image if args.task == "i2v" else args.video
-        if not source:
-            raise ValueError(f"--task {args.task} needs --{'image' if args.task == 'i2v' else 'video'} PATH")
-        frames = read_video(source)
-        if args.task == "i2v":
-            frames = frames[:1]
-        elif args.context_frames:
-            frames = frames[:args.context_frames]
-        prefix = torch.from_numpy(frames)
-    system, step, _ = load_system(args.checkpoint)
-    opts = SolverOptions(solver=args.solver, first_block=args.block_size[0],
-                         later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)
-    out = generate(system, prompts, args.frames, args.seed, opts, prefix,
-                   context_frames=args.long_context)
+def write_samples(args, out, fps: int, step: int, prompts: list[str], solver: str) -> dict:
+    """Write one mp4 per prompt (and the optional PNG grid); return the JSON record of the call."""
+    from megatron_starflow.sampling.video_io import auto_upscale, frame_grid, write_mp4, write_png
+
     video = out.video.numpy()
-    fps = system.cfg.data.fps
     up = auto_upscale(video.shape[2])
     paths = []
     root, ext = os.path.splitext(args.out)
@@ -162,13 +151,31 @@ def cmd_sample(args) -> int:
         paths.append(write_mp4(path, video[i], fps=min(fps, 8), upscale=up))
     if args.grid:
         write_png(args.grid, frame_grid(video, upscale=max(1, up // 2)))
-    record = {"task": args.task, "prompts": prompts, "outputs": paths, "grid": args.grid,
-              "checkpoint_step": step, "solver": args.solver, "cfg": args.cfg, "seed": args.seed,
-              "seconds": {k: round(v, 3) for k, v in out.seconds.items()},
-              "deep_network_evals": out.deep.network_evals,
-              "shallow_network_evals": out.shallow.network_evals,
-              "jacobi_iterations": out.deep.iterations}
-    print(json.dumps(record))
+    return {"task": args.task, "prompts": prompts, "outputs": paths, "grid": args.grid,
+            "checkpoint_step": step, "solver": solver, "cfg": args.cfg, "seed": args.seed,
+            "seconds": {k: round(v, 3) for k, v in out.seconds.items()},
+            "deep_network_evals": out.deep.network_evals,
+            "shallow_network_evals": out.shallow.network_evals,
+            "jacobi_iterations": out.deep.iterations}
+
+
+def cmd_sample(args) -> int:
+    from megatron_starflow.sampling.generate import check_prompts, generate
+    from megatron_starflow.sampling.jacobi import SolverOptions
+
+    if getattr(args, "cp", 1) != 1:  # context-parallel: N ranks share the frames
+        from megatron_starflow.sampling.cp_jacobi import cmd_sample_cp
+
+        return cmd_sample_cp(args)
+    prompts = _read_prompts(args)
+    check_prompts(prompts)
+    prefix = conditioning_frames(args)
+    system, step, _ = load_system(args.checkpoint)
+    opts = SolverOptions(solver=args.solver, first_block=args.block_size[0],
+                         later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)
+    out = generate(system, prompts, args.frames, args.seed, opts, prefix,
+                   context_frames=args.long_context)
+    print(json.dumps(write_samples(args, out, system.cfg.data.fps, step, prompts, args.solver)))
     return 0
 
 

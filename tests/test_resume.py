@@ -155,20 +155,6 @@ def test_preemption_request_saves_and_requeues_in_process(tmp_path, monkeypatch)
     assert latest_step(str(tmp_path / "run")) == 1
 
 
-def test_new_loop_matches_legacy_loop_uninterrupted(tmp_path):
-    """Backward compatibility: same batches, noise and updates as the original one-process loop."""
-    from megatron_starflow.training.loop import train, train_legacy
-    from megatron_starflow.training.metrics import read_metrics
-
-    cfg = _cfg(4, 4)
-    a, b = str(tmp_path / "legacy"), str(tmp_path / "new")
-    train_legacy(cfg, a, quiet=True)
-    train(cfg, b, quiet=True)
-    la = [r["loss"] for r in read_metrics(a) if "loss" in r]
-    lb = [r["loss"] for r in read_metrics(b) if "loss" in r]
-    assert la == lb and len(la) == 4
-
-
 def test_resolve_checkpoint_falls_back_when_latest_is_dangling(tmp_path):
     from megatron_starflow.config import load_config
     from megatron_starflow.training import checkpoint as ckpt

@@ -300,41 +300,22 @@ def cp_generate(system, captions: list[str], frames: int | None = None, seed: in
     """``generate`` with the deep block (and the per-frame shallow blocks) split over the ranks of
     ``group`` (default: the world). Collective. Rank 0 returns the ``Generation`` (tokens, video,
     summed solver stats, ``ranks``: every rank's timings, ``ranges``); other ranks return None."""
-    from megatron_starflow.sampling.generate import (Generation, _token_grid, check_prompts,
-                                                     prepare_prefix, shallow_inverse,
-                                                     windowed_denoise)
+    from megatron_starflow.sampling.generate import (Generation, finish, prepare_inputs,
+                                                     shallow_inverse)
 
     group = group or dist.group.WORLD
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    check_prompts(captions)
-    if prefix_video is not None and prefix_video.dim() == 4:
-        prefix_video = prefix_video[None]
     opts = opts or SolverOptions()
-    model, cfg = system.model, system.cfg
-    system.eval()
-    frames = frames or cfg.data.frames
-    t, h, w = _token_grid(system, frames)
-    train_t = _token_grid(system, cfg.data.frames)[0]
+    model = system.model
+    inp = prepare_inputs(system, captions, frames, seed, opts, prefix_video, temperature,
+                         with_prefix_u=rank == 0)  # the given frames live on rank 0
+    (t, h, w), given, train_t = inp.grid, inp.given, inp.train_t
     if t > train_t:
         raise ValueError(f"context-parallel sampling covers up to the training length ({train_t} "
                          f"latent frames); {t} asked: sample long videos on one rank (--cp 1)")
-    b, c, hw = len(captions), cfg.model.token_channels, h * w
-    gen = torch.Generator().manual_seed(seed)
-    z = temperature * torch.randn((b, t, h, w, c), generator=gen, dtype=torch.float64).to(system.dtype)
-    times = {}
-    t0 = time.time()
-    text = system.encode_text(captions)
-    uncond = system.encode_text([""] * b) if opts.guidance else None
-    prefix_tokens, prefix_u, given = None, None, 0
-    if prefix_video is not None:
-        prefix_tokens = prepare_prefix(system, prefix_video, b, frames, gen)
-        given = prefix_tokens.shape[1]
-        if rank == 0:
-            prefix_u = prefix_tokens
-            for i in range(len(model.blocks) - 1):
-                prefix_u, _ = model.shallow_forward(i, prefix_u)
-            prefix_u = prefix_u.reshape(b, given * hw, c)
-    times["encode"] = time.time() - t0
+    z, text, uncond, prefix_u, t0 = inp.z, inp.text, inp.uncond, inp.prefix_u, inp.t0
+    b, c, hw = z.shape[0], z.shape[-1], h * w
+    times = {"encode": time.time() - t0}
     ranges = frame_split(t, size, given)
     u_own, deep_stats, timing, _ = cp_invert_block(
         model.deep_block, z.reshape(b, t * hw, c), model.deep_layout(t, h, w), opts, text, uncond,
@@ -358,14 +339,7 @@ def cp_generate(system, captions: list[str], frames: int | None = None, seed: in
     for p in parts:
         deep.merge(p[1])
         shallow.merge(p[2])
-    if given:
-        x = torch.cat([prefix_tokens, x], dim=1)
-    tokens = x
-    if denoise and model.learnable_self_denoiser is not None:
-        x = windowed_denoise(model, x, text, train_t)
-    video = system.tokens_to_video(x)
-    if prefix_video is not None:
-        video[:, :prefix_video.shape[1]] = prefix_video.expand(b, -1, -1, -1, -1)
+    tokens, video = finish(system, inp, x, denoise)
     times["total"] = time.time() - t0
     out = Generation(video, tokens, deep, shallow, times)
     out.ranks = [p[3] for p in parts]
@@ -390,22 +364,12 @@ def sample_worker(args) -> None:
     every rank loads the checkpoint and samples its frames; rank 0 writes the mp4(s) / grid and
     prints the same JSON record as one-rank sampling, plus ``cp`` and per-rank ``cp_ranks``."""
     import json
-    import os
 
-    from megatron_starflow.cli import _quiet_warnings, load_system
-    from megatron_starflow.sampling.video_io import (auto_upscale, frame_grid, read_video,
-                                                      write_mp4, write_png)
+    from megatron_starflow.cli import _quiet_warnings, conditioning_frames, load_system, write_samples
 
     _quiet_warnings()
     prompts = args._prompts
-    prefix = None
-    if args.task in ("i2v", "v2v"):
-        frames = read_video(args.image if args.task == "i2v" else args.video)
-        if args.task == "i2v":
-            frames = frames[:1]
-        elif args.context_frames:
-            frames = frames[:args.context_frames]
-        prefix = torch.from_numpy(frames)
+    prefix = conditioning_frames(args)
     system, step, _ = load_system(args.checkpoint)
     if dist.get_world_size() != args.cp:
         raise ValueError(f"--cp {args.cp} but the launcher started {dist.get_world_size()} processes")
@@ -413,25 +377,10 @@ def sample_worker(args) -> None:
                          later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)
     out = cp_generate(system, prompts, args.frames, args.seed, opts, prefix)
     if dist.get_rank() == 0:
-        video = out.video.numpy()
-        fps = system.cfg.data.fps
-        up = auto_upscale(video.shape[2])
-        paths = []
-        root, ext = os.path.splitext(args.out)
-        for i in range(video.shape[0]):
-            path = args.out if video.shape[0] == 1 else f"{root}_{i}{ext or '.mp4'}"
-            paths.append(write_mp4(path, video[i], fps=min(fps, 8), upscale=up))
-        if args.grid:
-            write_png(args.grid, frame_grid(video, upscale=max(1, up // 2)))
-        record = {"task": args.task, "prompts": prompts, "outputs": paths, "grid": args.grid,
-                  "checkpoint_step": step, "solver": "jacobi", "cfg": args.cfg, "seed": args.seed,
-                  "seconds": {k: round(v, 3) for k, v in out.seconds.items()},
-                  "deep_network_evals": out.deep.network_evals,
-                  "shallow_network_evals": out.shallow.network_evals,
-                  "jacobi_iterations": out.deep.iterations,
-                  "cp": args.cp, "cp_frames": out.ranges, "cp_summary": _rank_summary(out.ranks),
-                  "cp_ranks": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-                               for r in out.ranks]}
+        record = write_samples(args, out, system.cfg.data.fps, step, prompts, "jacobi")
+        record.update({"cp": args.cp, "cp_frames": out.ranges, "cp_summary": _rank_summary(out.ranks),
+                       "cp_ranks": [{k: (round(v, 4) if isinstance(v, float) else v)
+                                     for k, v in r.items()} for r in out.ranks]})
         print(json.dumps(record), flush=True)
     dist.barrier()
 

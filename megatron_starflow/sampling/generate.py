@@ -42,17 +42,32 @@ def check_prompts(captions: list[str]) -> None:
                              f"empty caption as its unconditional branch)")
 
 
-@torch.no_grad()
-def generate(system: StarFlowSystem, captions: list[str], frames: int | None = None, seed: int = 0,
-             opts: SolverOptions | None = None, prefix_video: torch.Tensor | None = None,
-             denoise: bool = True, temperature: float = 1.0, context_frames: int = 0) -> Generation:
-    """``frames`` in pixel frames (default: the training length; more makes a long video with
-    the sliding window, re-encoding ``context_frames`` latent frames per segment);
-    ``prefix_video`` uint8 ``[B or 1, F, H, W, 3]`` for I2V (F = 1) and V2V."""
+@dataclass
+class SamplingInputs:
+    """What every sampler needs before inverting: noise, text, and the encoded given frames."""
+
+    z: torch.Tensor  # [B, T', h, w, C']
+    text: torch.Tensor
+    uncond: torch.Tensor | None  # unconditional text (guidance only)
+    grid: tuple[int, int, int]  # (T', h, w)
+    train_t: int  # latent frames of the training length
+    prefix_video: torch.Tensor | None  # uint8 [B or 1, F, H, W, 3]
+    prefix_tokens: torch.Tensor | None  # noisy tokens of the given frames
+    prefix_u: torch.Tensor | None  # their deep-block input [B, F*h*w, C'] (when asked for)
+    given: int  # latent frames given
+    t0: float  # start time
+
+
+def prepare_inputs(system: StarFlowSystem, captions: list[str], frames: int | None, seed: int,
+                   opts: SolverOptions, prefix_video: torch.Tensor | None, temperature: float,
+                   with_prefix_u: bool = True) -> SamplingInputs:
+    """Check the prompts, draw z (first from the seed's generator, then the prefix noise), encode
+    the text (and the empty caption for guidance) and push given frames through the shallow
+    blocks. The draw order is part of the sampler's contract: same seed, same video."""
+    t0 = time.time()
     check_prompts(captions)
     if prefix_video is not None and prefix_video.dim() == 4:  # one clip [F, H, W, 3]
         prefix_video = prefix_video[None]
-    opts = opts or SolverOptions()
     model, cfg = system.model, system.cfg
     system.eval()
     frames = frames or cfg.data.frames
@@ -60,36 +75,57 @@ def generate(system: StarFlowSystem, captions: list[str], frames: int | None = N
     b, c, hw = len(captions), cfg.model.token_channels, h * w
     gen = torch.Generator().manual_seed(seed)
     z = temperature * torch.randn((b, t, h, w, c), generator=gen, dtype=torch.float64).to(system.dtype)
-    times = {}
-    t0 = time.time()
     text = system.encode_text(captions)
     uncond = system.encode_text([""] * b) if opts.guidance else None
-
     prefix_tokens, prefix_u, given = None, None, 0
     if prefix_video is not None:
         prefix_tokens = prepare_prefix(system, prefix_video, b, frames, gen)
         given = prefix_tokens.shape[1]
-        prefix_u = prefix_tokens
-        for i in range(len(model.blocks) - 1):
-            prefix_u, _ = model.shallow_forward(i, prefix_u)
-        prefix_u = prefix_u.reshape(b, given * hw, c)
-    times["encode"] = time.time() - t0
-
+        if with_prefix_u:
+            prefix_u = prefix_tokens
+            for i in range(len(model.blocks) - 1):
+                prefix_u, _ = model.shallow_forward(i, prefix_u)
+            prefix_u = prefix_u.reshape(b, given * hw, c)
     train_t = _token_grid(system, cfg.data.frames)[0]
-    u, deep_stats = deep_inverse(model, z.reshape(b, t * hw, c), (t, h, w), opts, text, uncond,
-                                 prefix_u, train_t, context_frames)
-    x, shallow_stats = shallow_inverse(model, u[:, given * hw:].reshape(b * (t - given), hw, c), h, w, opts)
-    x = x.reshape(b, t - given, h, w, c)
-    if given:
-        x = torch.cat([prefix_tokens, x], dim=1)
-    times["invert"] = time.time() - t0 - times["encode"]
+    return SamplingInputs(z, text, uncond, (t, h, w), train_t, prefix_video, prefix_tokens,
+                          prefix_u, given, t0)
+
+
+def finish(system: StarFlowSystem, inputs: SamplingInputs, x: torch.Tensor, denoise: bool) -> tuple:
+    """Generated tokens of the new frames -> (all tokens, uint8 video): prepend the given frames,
+    denoise (Tweedie step with the FSM denoiser), decode, and repeat the given frames unchanged."""
+    model = system.model
+    if inputs.given:
+        x = torch.cat([inputs.prefix_tokens, x], dim=1)
     tokens = x
     if denoise and model.learnable_self_denoiser is not None:
-        x = windowed_denoise(model, x, text, train_t)
+        x = windowed_denoise(model, x, inputs.text, inputs.train_t)
     video = system.tokens_to_video(x)
-    if prefix_video is not None:
-        video[:, :prefix_video.shape[1]] = prefix_video.expand(b, -1, -1, -1, -1)
-    times["total"] = time.time() - t0
+    if inputs.prefix_video is not None:
+        given = inputs.prefix_video
+        video[:, :given.shape[1]] = given.expand(video.shape[0], -1, -1, -1, -1)
+    return tokens, video
+
+
+@torch.no_grad()
+def generate(system: StarFlowSystem, captions: list[str], frames: int | None = None, seed: int = 0,
+             opts: SolverOptions | None = None, prefix_video: torch.Tensor | None = None,
+             denoise: bool = True, temperature: float = 1.0, context_frames: int = 0) -> Generation:
+    """``frames`` in pixel frames (default: the training length; more makes a long video with
+    the sliding window, re-encoding ``context_frames`` latent frames per segment);
+    ``prefix_video`` uint8 ``[B or 1, F, H, W, 3]`` for I2V (F = 1) and V2V."""
+    opts = opts or SolverOptions()
+    model = system.model
+    inp = prepare_inputs(system, captions, frames, seed, opts, prefix_video, temperature)
+    times = {"encode": time.time() - inp.t0}
+    (t, h, w), given = inp.grid, inp.given
+    b, c, hw = inp.z.shape[0], inp.z.shape[-1], h * w
+    u, deep_stats = deep_inverse(model, inp.z.reshape(b, t * hw, c), inp.grid, opts, inp.text,
+                                 inp.uncond, inp.prefix_u, inp.train_t, context_frames)
+    x, shallow_stats = shallow_inverse(model, u[:, given * hw:].reshape(b * (t - given), hw, c), h, w, opts)
+    times["invert"] = time.time() - inp.t0 - times["encode"]
+    tokens, video = finish(system, inp, x.reshape(b, t - given, h, w, c), denoise)
+    times["total"] = time.time() - inp.t0
     return Generation(video, tokens, deep_stats, shallow_stats, times)
 
 
