@@ -62,3 +62,13 @@ def randn():
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
     return draw
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are dominated by per-op overhead; two OpenMP threads on a busy 2-core machine
+    are up to 100x slower than one. Modules opt in with pytestmark = usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

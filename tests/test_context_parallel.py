@@ -27,6 +27,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers_system import TINY_SYSTEM
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,14 +35,6 @@ SCRIPT = os.path.join(ROOT, "tests", "dist_scripts", "cp_checks.py")
 EXACT_TOL = 1e-10
 TAU_TOL = 6e-2
 LOSS_TOL, GRAD_TOL = 1e-12, 1e-10
-TINY_SYSTEM = [
-    "model.latent_channels=12", "model.num_blocks=3", "model.shallow_width=32",
-    "model.shallow_layers=1", "model.deep_width=32", "model.deep_layers=2", "model.head_dim=16",
-    "model.text_length=4", "model.text_width=16", "model.denoiser_layers=1", "model.noise_std=0.3",
-    "model.pt_seq_len=4", "text.width=16", "text.layers=1", "text.heads=2", "text.vocab_size=64",
-    "data.frames=4", "data.height=8", "data.width=8", "data.num_train_clips=64",
-    "data.num_heldout_clips=4",
-]
 SAMPLING = ["t2v", "t2v_guided", "i2v", "i2v_guided", "t2v_tau", "i2v_tau"]
 
 

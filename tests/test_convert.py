@@ -14,28 +14,16 @@ import subprocess
 import sys
 
 import pytest
+from helpers_system import TINY_SYSTEM
 import torch
 
 from megatron_starflow.sampling.jacobi import SolverOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16_TOL = 0.05  # bf16 weights: max |dz| <= 5 % of max |z| on the tiny randomised model
-TINY_SYSTEM = [
-    "model.latent_channels=12", "model.num_blocks=3", "model.shallow_width=32",
-    "model.shallow_layers=1", "model.deep_width=32", "model.deep_layers=2", "model.head_dim=16",
-    "model.text_length=4", "model.text_width=16", "model.denoiser_layers=1", "model.noise_std=0.3",
-    "model.pt_seq_len=4", "text.width=16", "text.layers=1", "text.heads=2", "text.vocab_size=64",
-    "data.frames=4", "data.height=8", "data.width=8", "data.num_train_clips=64",
-    "data.num_heldout_clips=4",
-]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from helpers_system import TINY_SYSTEM
 import torch
 
 from megatron_starflow.models.transformer import KVCache
@@ -22,14 +23,7 @@ INV_TOL = 1e-9  # an inverse vs the x that the forward pass started from (as tes
 HEAD_STD = 0.2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are dominated by per-op overhead; two OpenMP threads on a busy 2-core machine
-    are up to 100x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A 4-frame video of 2 x 3 tokens (6 per frame, 24 in all) for the block-level tests.
@@ -267,14 +261,6 @@ def test_guided_inverse(make_model, solver):
 
 # ------------------------------------------------------------------------------ invariant 6
 
-TINY_SYSTEM = [
-    "model.latent_channels=12", "model.num_blocks=3", "model.shallow_width=32",
-    "model.shallow_layers=1", "model.deep_width=32", "model.deep_layers=2", "model.head_dim=16",
-    "model.text_length=4", "model.text_width=16", "model.denoiser_layers=1", "model.noise_std=0.3",
-    "model.pt_seq_len=4", "text.width=16", "text.layers=1", "text.heads=2", "text.vocab_size=64",
-    "data.frames=4", "data.height=8", "data.width=8", "data.num_train_clips=64",
-    "data.num_heldout_clips=4",
-]
 
 
 def _randomize_system_heads(model, std=HEAD_STD, seed=0):
