@@ -16,6 +16,11 @@ package imports these patches). What megatron-core 0.16 assumes and what we subs
   ``LinearWithGradAccumulationAndAsyncCommunication.backward``) are allocated with
   ``device=torch.cuda.current_device()``. On a torch without CUDA that call can only raise, so we
   make it return the CPU device: those allocations then land where every other tensor is.
+* ``dist_checkpointing``'s ``torch_dist`` writer (``filesystem_async.FileSystemWriterAsync.
+  preload_tensors``) copies every tensor to CPU with ``non_blocking=True`` and then calls
+  ``torch.cuda.synchronize()`` unconditionally, which raises on a torch without CUDA. With no CUDA
+  there is no stream to wait for (the copies are synchronous CPU copies), so we make
+  ``torch.cuda.synchronize`` a no-op (used by ``training.dist_checkpoint``).
 
 Not patched, because they are CUDA-only by design in megatron-core 0.16 and we do not fake CUDA:
 megatron's ``DistributedDataParallel`` allocates its grad buffers with
@@ -87,6 +92,9 @@ def install() -> None:
         return buf[:numel].view(*tensor_shape)
 
     mutils.GlobalMemoryBuffer.get_tensor = get_tensor
+
+    # Nothing to wait for without CUDA; megatron's checkpoint writer syncs unconditionally.
+    torch.cuda.synchronize = lambda device=None: None
 
     mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
