@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from helpers_dist import run_checks
 from helpers_system import TINY_SYSTEM
 import torch
 
@@ -37,11 +37,6 @@ TAU_TOL = 6e-2
 LOSS_TOL, GRAD_TOL = 1e-12, 1e-10
 SAMPLING = ["t2v", "t2v_guided", "i2v", "i2v_guided", "t2v_tau", "i2v_tau"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +59,7 @@ def cp_checkpoint(tmp_path_factory, megatron_ready):
 
 
 def _launch(tmp_path, world: int, ckpt: str, checks: list[str]) -> dict:
-    out = tmp_path / f"cp_world{world}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={_free_port()}", SCRIPT, str(out), ckpt, *checks]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
-    results = json.loads(out.read_text())
-    errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
-    assert not errors, errors
-    return results
+    return run_checks(SCRIPT, tmp_path / f"cp_world{world}.json", [ckpt, *checks], world, timeout=400)
 
 
 def _assert_sampling(res: dict, world: int) -> None:

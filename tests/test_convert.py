@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers_dist import run_torchrun
 from helpers_system import TINY_SYSTEM
 import torch
 
@@ -172,11 +173,8 @@ def test_import_tp2_same_loss(trained, tmp_path):
     run2 = str(tmp_path / "tp2")
     import_inference(export, run2, tp=2)
     out = tmp_path / "tp2.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(REPO, "tests", "dist_scripts", "convert_tp_loss.py"),
-                           run2, str(out)], capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(os.path.join(REPO, "tests", "dist_scripts", "convert_tp_loss.py"), [run2, out],
+                 world=2, timeout=400)
     result = json.loads(out.read_text())
     from megatron_starflow.cli import load_system
 

@@ -8,11 +8,9 @@ megatron reshards TP=2 -> TP=1 at load time.
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
+from helpers_dist import run_torchrun
 import torch
 
 from conftest import TINY_MODEL, randomize_heads
@@ -34,11 +32,6 @@ def _model(seed: int):
 def _tensors(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_save_load_one_process(megatron_ready, tmp_path):
@@ -79,11 +72,7 @@ def test_tp2_save_loads_at_tp1(megatron_ready, tmp_path):
     from megatron_starflow.training.dist_checkpoint import load_dist
 
     ckpt, full_path, out = tmp_path / "tp2", tmp_path / "full.pt", tmp_path / "out.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", SCRIPT, str(ckpt), str(full_path), str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    run_torchrun(SCRIPT, [ckpt, full_path, out], world=2)
     res = json.loads(out.read_text())
     assert res["sharded_qkv_rows"] == 48  # 3 * 32 / tp: the saving ranks really held TP shards
     assert res["tp2_reload_maxdiff"] == 0.0

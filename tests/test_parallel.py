@@ -12,13 +12,10 @@ Tolerances (float32; a layout only changes summation order):
   step, so round-off in an element's tiny gradient shows as a fraction of lr; observed <= 0.021).
 """
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
+from helpers_dist import run_checks
 
 from megatron_starflow.config import ConfigError, from_preset
 
@@ -28,23 +25,8 @@ REL_TOL = 1e-5
 PARAM_TOL_IN_LR = 0.05
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path, world: int, checks: list[str]) -> dict:
-    out = tmp_path / f"world{world}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-           f"--master_port={_free_port()}", SCRIPT, str(out), *checks]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
-    results = json.loads(out.read_text())
-    errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
-    assert not errors, errors
-    return results
+    return run_checks(SCRIPT, tmp_path / f"world{world}.json", checks, world)
 
 
 def _assert_matches(name: str, res: dict) -> None:
