@@ -134,7 +134,10 @@ class TrainConfig:
     log_every: int = 10
     eval_batches: int = 4
     keep_checkpoints: int = 2
-    dtype: str = "float32"  # float32 | bfloat16 (autocast) | float64 (tests)
+    # float32 | bfloat16 (bf16 parameters and compute; fp32 main params, grads and Adam state,
+    # sharded over data-parallel ranks as megatron's distributed optimizer) | float64 (tests)
+    dtype: str = "float32"
+    device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA is present, else cpu) | cpu | cuda
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "megatron_starflow"
     threads: int = 0  # torch CPU threads, 0 = torch default
@@ -150,6 +153,9 @@ class ParallelConfig:
     sp: bool = False
     dp: int = -1  # -1: derived from the world size
     cp: int = 1
+    # Pipeline micro-batches per step (parallel.pp > 1): data.batch_size must divide by it;
+    # 0 = parallel.pp (the fewest that keep every stage busy in 1F1B's steady state).
+    micro_batches: int = 0
     spec: str = "local"  # local (pure torch) | te (Transformer Engine)
     fp8: str = "none"  # none | hybrid | e4m3 (Transformer Engine FP8 GEMMs; needs spec=te)
     fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8 (megatron's fp8_recipe)
@@ -423,6 +429,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
     if tr.dtype not in ("float32", "bfloat16", "float64"):
         raise ConfigError(f"train.dtype={tr.dtype!r}; valid: float32, bfloat16, float64")
+    if tr.device.split(":", 1)[0] not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device={tr.device!r}; valid: auto, cpu, cuda (or cuda:N)")
+    if p.micro_batches < 0:
+        raise ConfigError(f"parallel.micro_batches must be >= 0 (0 = parallel.pp), got {p.micro_batches}")
+    if p.pp > 1 and d.batch_size % (p.micro_batches or p.pp):
+        raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the pipeline's "
+                          f"micro-batches ({p.micro_batches or p.pp}: parallel.micro_batches, 0 = "
+                          f"parallel.pp); change one of them")
     if tr.wandb_mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"train.wandb_mode={tr.wandb_mode!r}; valid: offline, online, disabled")
     if p.spec not in ("local", "te"):

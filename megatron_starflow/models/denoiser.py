@@ -42,7 +42,8 @@ class FlowScoreDenoiser(nn.Module):
 
     def forward(self, tokens: torch.Tensor, layout: SlotLayout, text: torch.Tensor) -> torch.Tensor:
         """tokens ``[B, N, C]`` (raster order, frames in time order) -> scaled score ``[B, N, C]``."""
-        h = torch.cat([self.proj_txt(text.to(tokens.dtype)), self.proj_in(tokens)], dim=1)
+        dtype = self.proj_in.weight.dtype
+        h = torch.cat([self.proj_txt(text.to(dtype)), self.proj_in(tokens.to(dtype))], dim=1)
         ahead = layout.lookahead_mask(ahead=1).to(h.device)
         angles = layout.angles(*self.rope).to(h.device)
         if self.lookahead == "every_layer":
@@ -50,4 +51,5 @@ class FlowScoreDenoiser(nn.Module):
         else:
             causal = layout.lookahead_mask(ahead=0).to(h.device)
             h = self.transformer(h, causal, angles, first_layer_allowed=ahead)
-        return self.proj_out(self.final_norm(h[:, layout.text_len:]))
+        out = self.proj_out(self.final_norm(h[:, layout.text_len:]))
+        return out.to(torch.promote_types(out.dtype, tokens.dtype))

@@ -51,11 +51,14 @@ class FlowBlock(nn.Module):
         if start == 0:
             sos = self.sos_embed.to(prev_tokens.dtype).expand(prev_tokens.shape[0], 1, -1)
             prev_tokens = torch.cat([sos, prev_tokens[:, 1:]], dim=1)
-        return self.proj_in(prev_tokens)
+        return self.proj_in(prev_tokens.to(self.proj_in.weight.dtype))
 
     def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Transformer output -> (shift b, log sigma), soft-clipped, both ``[B, S, C]``."""
         out = self.proj_out(self.final_norm(h))
+        # The affine transform and its log-det run in fp32 at least: with bf16 parameters only
+        # the transformer computes in bf16 (tokens, z and log-dets stay fp32, as under autocast).
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
         out = self.soft_clip * torch.tanh(out / self.soft_clip)
         a, b = out.split(self.channels, dim=-1)
         return b, torch.log(F.softplus(a + SOFTPLUS_INV_ONE))

@@ -33,7 +33,11 @@ class FlowOutput:
     def nll_per_dim(self) -> torch.Tensor:
         """Training loss per sample: 0.5 mean(z^2) - sum_blocks logdet / D (the authors' form,
         without the Gaussian constant)."""
-        return 0.5 * self.z.flatten(1).pow(2).mean(1) - torch.stack(self.logdets).sum(0) / self.dims
+        # In fp32 at least: with bf16 parameters the per-token terms are bf16, but their sums
+        # over ~1e5 dimensions are not representable in bf16 (megatron computes losses in fp32).
+        dtype = torch.promote_types(self.z.dtype, torch.float32)
+        logdet = torch.stack([ld.to(dtype) for ld in self.logdets]).sum(0)
+        return 0.5 * self.z.to(dtype).flatten(1).pow(2).mean(1) - logdet / self.dims
 
     def bits_per_dim(self) -> torch.Tensor:
         """Exact negative log-likelihood per dimension, in bits, of the flow's input."""

@@ -261,15 +261,16 @@ def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
     return _GatherSequence.apply(x, group)
 
 
-def layout_mask_fn(layout: SlotLayout, kind: str = "causal"):
+def layout_mask_fn(layout: SlotLayout, kind: str = "causal", ahead: int = 1):
     """Allowed-matrix function of (query slots, key slots) for a layout: the frame-causal mask
-    with the layout's window (flow blocks) or the denoiser's one-frame look-ahead."""
+    with the layout's window (flow blocks) or the denoiser's mask with ``ahead`` frames of
+    look-ahead."""
     slot, frame, is_text = layout.labels()
 
     def fn(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         if kind == "causal":
             return masks.frame_causal(slot[q], slot[k], frame[q], frame[k], is_text[k], layout.window)
-        return masks.lookahead(frame[q], frame[k], is_text[k], layout.window)
+        return masks.lookahead(frame[q], frame[k], is_text[k], layout.window, ahead)
 
     return fn
 
@@ -277,10 +278,14 @@ def layout_mask_fn(layout: SlotLayout, kind: str = "causal"):
 class ContextParallelAttention:
     """Context manager: while active, the core attention of every layer of ``stack`` all-gathers
     K/V over ``group`` and applies the global mask. ``slots_per_rank[i]`` are the global slot
-    indices of rank i's local sequence, in order; this rank's are ``slots_per_rank[rank]``."""
+    indices of rank i's local sequence, in order; this rank's are ``slots_per_rank[rank]``.
+    ``mask_fn`` is one mask function for every layer, or a list with one per layer (the
+    denoiser's first layer looks further ahead than the others)."""
 
     def __init__(self, stack, slots_per_rank: list[torch.Tensor], mask_fn, group):
-        self.stack, self.group, self.mask_fn = stack, group, mask_fn
+        self.stack, self.group = stack, group
+        self.mask_fns = mask_fn if isinstance(mask_fn, (list, tuple)) else None
+        self.mask_fn = None if self.mask_fns else mask_fn
         self.rank = dist.get_rank(group)
         self.slots = slots_per_rank
         tp = stack.tp if stack.sp else 1
@@ -291,19 +296,21 @@ class ContextParallelAttention:
         self._masks: dict = {}
         self._saved = []
 
-    def _mask(self, queries: int, device) -> torch.Tensor:
-        if queries not in self._masks:
+    def _mask(self, queries: int, device, layer: int = 0) -> torch.Tensor:
+        fn = self.mask_fns[layer] if self.mask_fns else self.mask_fn
+        key = (queries, id(fn), str(device))
+        if key not in self._masks:
             real = self.slots[self.rank]
             allowed = torch.zeros(queries, len(self.slots) * self.length, dtype=torch.bool)
             for i, keys in enumerate(self.slots):
                 lo = i * self.length
-                allowed[:len(real), lo:lo + len(keys)] = self.mask_fn(real, keys)
+                allowed[:len(real), lo:lo + len(keys)] = fn(real, keys)
             allowed[len(real):] = True  # pad queries: outputs dropped; no all-masked rows (NaN)
-            self._masks[queries] = allowed
-        return self._masks[queries].to(device)
+            self._masks[key] = allowed.to(device)
+        return self._masks[key]
 
     def _forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
-                 attention_bias=None, packed_seq_params=None, *, module=None):
+                 attention_bias=None, packed_seq_params=None, *, module=None, layer=0):
         import torch.nn.functional as F
 
         pad = self.length - key.shape[0]
@@ -315,13 +322,13 @@ class ContextParallelAttention:
         if k.shape[1] != q.shape[1]:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        allowed = self._mask(query.shape[0], query.device)
+        allowed = self._mask(query.shape[0], query.device, layer)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=module.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
     def __enter__(self):
-        for m in self.stack._core_attentions():
-            m.forward = lambda *a, _m=m, **kw: self._forward(*a, module=_m, **kw)
+        for i, m in enumerate(self.stack._core_attentions()):
+            m.forward = lambda *a, _m=m, _i=i, **kw: self._forward(*a, module=_m, layer=_i, **kw)
             self._saved.append(m)
         return self
 
@@ -375,14 +382,9 @@ def cp_deep_forward(block, x_local: torch.Tensor, prev_token: torch.Tensor | Non
     return z, -log_sigma.flatten(1).sum(1)
 
 
-def cp_flow_nll(model, tokens: torch.Tensor, text: torch.Tensor, group,
-                ranges: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of the flow loss ``model(tokens, text).nll_per_dim().mean()``.
-
-    Every rank gets the full batch; it runs the shallow (per-frame) blocks on its own frames (and,
-    without log-det, on the frame before them, whose last token its first deep slot reads) and the
-    deep block with context-parallel attention. Returns (local loss: backward this one, then
-    ``allreduce_cp_grads``; total loss: the all-reduced value, detached)."""
+def _cp_flow_terms(model, tokens: torch.Tensor, text: torch.Tensor, group,
+                   ranges: list[tuple[int, int]] | None = None):
+    """(local share of the batch-mean loss, its all-reduced value, per-sample local shares)."""
     b, t, h, w, c = tokens.shape
     ranges = ranges or frame_split(t, dist.get_world_size(group))
     rank = dist.get_rank(group)
@@ -401,10 +403,63 @@ def cp_flow_nll(model, tokens: torch.Tensor, text: torch.Tensor, group,
     z, ld = cp_deep_forward(model.deep_block, u.reshape(b, (e - a) * hw, c), prev,
                             model.deep_layout(t, h, w), text, ranges, group)
     logdet = logdet + ld
-    local = (0.5 * z.flatten(1).pow(2).sum(1) / dims - logdet / dims).mean()
+    dtype = torch.promote_types(z.dtype, torch.float32)  # loss sums in fp32 (bf16 models)
+    per_sample = 0.5 * z.to(dtype).flatten(1).pow(2).sum(1) / dims - logdet.to(dtype) / dims
+    local = per_sample.mean()
     total = local.detach().clone()
     dist.all_reduce(total, group=group)
+    return local, total, per_sample
+
+
+def cp_flow_nll(model, tokens: torch.Tensor, text: torch.Tensor, group,
+                ranges: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the flow loss ``model(tokens, text).nll_per_dim().mean()``.
+
+    Every rank gets the full batch; it runs the shallow (per-frame) blocks on its own frames (and,
+    without log-det, on the frame before them, whose last token its first deep slot reads) and the
+    deep block with context-parallel attention. Returns (local loss: backward this one, then
+    ``allreduce_cp_grads``; total loss: the all-reduced value, detached)."""
+    local, total, _ = _cp_flow_terms(model, tokens, text, group, ranges)
     return local, total
+
+
+@torch.no_grad()
+def cp_flow_nll_per_sample(model, tokens: torch.Tensor, text: torch.Tensor, group,
+                           ranges: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """``model(tokens, text).nll_per_dim()`` (per sample), computed context-parallel; the same
+    on every rank of the group."""
+    _, _, per_sample = _cp_flow_terms(model, tokens, text, group, ranges)
+    per_sample = per_sample.clone()
+    dist.all_reduce(per_sample, group=group)
+    return per_sample
+
+
+def cp_denoise_score(denoiser, tokens_local: torch.Tensor, layout: SlotLayout,
+                     text: torch.Tensor, ranges: list[tuple[int, int]], group) -> torch.Tensor:
+    """The FSM denoiser's output for this rank's frames ``ranges[rank]`` (``tokens_local``
+    [B, (b-a)*hw, C]); rank 0 holds the text prefix. Equals the slice of
+    ``denoiser(tokens, layout, text)`` for those frames: every layer all-gathers K/V, the first
+    layer under the one-frame look-ahead mask and later ones under the look-ahead of the
+    denoiser's mode (``every_layer``: 1 frame, ``first_layer``: 0)."""
+    rank = dist.get_rank(group)
+    slots_all = _rank_slots(layout, ranges)
+    slots = slots_all[rank]
+    dtype = denoiser.proj_in.weight.dtype
+    h = denoiser.proj_in(tokens_local.to(dtype))
+    n_text = 0
+    if rank == 0 and layout.text_len:
+        h = torch.cat([denoiser.proj_txt(text.to(dtype)), h], dim=1)
+        n_text = layout.text_len
+    angles = layout.angles(*denoiser.rope)[slots].to(h.device)
+    layers = len(denoiser.transformer._core_attentions())
+    later = 1 if denoiser.lookahead == "every_layer" else 0
+    first_fn, later_fn = layout_mask_fn(layout, "lookahead", 1), layout_mask_fn(layout, "lookahead", later)
+    fns = [first_fn] + [later_fn] * (layers - 1)
+    dummy = torch.ones(len(slots), len(slots), dtype=torch.bool, device=h.device)
+    with ContextParallelAttention(denoiser.transformer, slots_all, fns, group):
+        h = denoiser.transformer(h, dummy, angles)
+    out = denoiser.proj_out(denoiser.final_norm(h[:, n_text:]))
+    return out.to(torch.promote_types(out.dtype, tokens_local.dtype))
 
 
 def allreduce_cp_grads(parameters, group) -> None:

@@ -169,7 +169,8 @@ def _run_1f1b(stage: FlowPipelineStage, shape: ChainShape, microbatches: list[di
     dtype = microbatches[0]["noisy"].dtype
 
     def carry_buffer(mb):
-        return torch.empty(shape.width, mb["noisy"].shape[0], 1, dtype=dtype)
+        return torch.empty(shape.width, mb["noisy"].shape[0], 1, dtype=dtype,
+                           device=mb["noisy"].device)
 
     def forward(i):
         mb = microbatches[i]
@@ -249,3 +250,30 @@ def pipeline_flow_and_fsm_backward(stage: FlowPipelineStage, microbatches: list[
             fsm_total += fsm.detach() / num
         result["fsm"] = fsm_total
     return result
+
+
+@torch.no_grad()
+def pipeline_forward(stage: FlowPipelineStage, microbatches: list[dict], group=None):
+    """Forward only (held-out evaluation): each micro-batch flows through the stages in turn.
+    Returns the per-sample NLL per dimension ``[sum of b]`` on the last stage, None elsewhere."""
+    from megatron.core import parallel_state
+
+    group = group or parallel_state.get_pipeline_model_parallel_group()
+    first = microbatches[0]
+    _, t, h, w, c = first["noisy"].shape
+    shape = ChainShape(t, h, w, c, first["text"].shape[1], first["text"].shape[2])
+    outputs = []
+    for mb in microbatches:
+        if stage.is_first:
+            out = stage(shape, mb["noisy"], mb["text"])
+        else:
+            carry = torch.empty(shape.width, mb["noisy"].shape[0], 1, dtype=mb["noisy"].dtype,
+                                device=mb["noisy"].device)
+            dist.recv(carry, dist.get_global_rank(group, stage.stage - 1))
+            stage.set_input_tensor(carry)
+            out = stage(shape)
+        if stage.is_last:
+            outputs.append(out)
+        else:
+            dist.send(out.contiguous(), dist.get_global_rank(group, stage.stage + 1))
+    return torch.cat(outputs) if outputs else None

@@ -76,10 +76,16 @@ def validate_parallel(cfg: Config, world_size: int) -> int:
     if p.dp not in (-1, dp):
         raise ConfigError(f"parallel.dp={p.dp} but world size {world_size} / (tp*pp*cp = "
                           f"{model_parallel}) = {dp}; set parallel.dp=-1 to derive it")
-    if p.cp != 1:
-        raise ConfigError("parallel.cp > 1: megatron's context parallelism needs Transformer Engine "
-                          "attention, which this model's SDPA core attention does not use; set "
-                          "parallel.cp=1")
+    if p.cp > 1:
+        # Our own CP attention (parallel/context_parallel.py) splits whole latent frames.
+        frames = latent_grid(cfg)[0]
+        if frames < p.cp:
+            raise ConfigError(f"parallel.cp={p.cp} splits latent frames over ranks, but a clip has "
+                              f"only {frames} latent frames (data.frames={cfg.data.frames}); use "
+                              f"parallel.cp <= {frames} or longer clips")
+        if p.pp > 1:
+            raise ConfigError(f"parallel.cp={p.cp} with parallel.pp={p.pp}: context parallelism "
+                              f"and pipeline parallelism do not combine yet; use one of them")
     if p.sp and p.tp == 1:
         raise ConfigError("parallel.sp=true needs parallel.tp > 1 (sequence parallelism splits the "
                           "sequence over the tensor-parallel group)")
