@@ -54,6 +54,10 @@ class ModelConfig:
     # first_layer: only layer 1 looks one frame ahead (output of frame n depends on frames <= n+1);
     # every_layer: the authors' mask in every layer (L layers see L frames ahead)
     denoiser_lookahead: str = "first_layer"
+    # Constant factor on the denoiser's output. 1.0 for models trained here; the importer of the
+    # authors' checkpoints sets their -0.3 / noise_std (with cond_noise_level) so that their
+    # weights load bit for bit (their D regresses w * sigma * grad NLL, ours -sigma * grad NLL).
+    denoiser_output_scale: float = 1.0
     fsm_weight: float = 1.0
     init_std: float = 0.02
     recompute: bool = False  # activation recomputation (full, per layer) in every stack
@@ -383,6 +387,9 @@ def validate(cfg: Config) -> None:
         axis_dims(m.head_dim, m.rope_time_fraction)
     except ValueError as exc:
         raise ConfigError(f"model.head_dim / model.rope_time_fraction: {exc}") from None
+    if not math.isfinite(m.denoiser_output_scale) or m.denoiser_output_scale == 0:
+        raise ConfigError(f"model.denoiser_output_scale must be finite and non-zero, got "
+                          f"{m.denoiser_output_scale}")
     if m.denoiser_lookahead not in ("first_layer", "every_layer"):
         raise ConfigError(f"model.denoiser_lookahead={m.denoiser_lookahead!r}; valid: first_layer, "
                           f"every_layer")

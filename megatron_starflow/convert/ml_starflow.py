@@ -20,8 +20,12 @@ Name map (theirs -> ours), inside ``blocks.{i}.`` and ``learnable_self_denoiser.
   ``feat_rope.freqs_cos/sin`` (zero placeholders).
 * Denoiser output: theirs D is trained on ``w * sigma * grad NLL`` (w = noise_std / 0.3 with
   cond_noise_level, else 1) and used as ``x - 0.3 * D``; ours s on ``-sigma * grad NLL`` and used as
-  ``x + sigma * s``. So s = -D / w: ``learnable_self_denoiser.proj_out`` weight and bias are scaled by
-  -1/w (exact up to one rounding), and both denoise the same way when w = sigma / 0.3.
+  ``x + sigma * s``. So s = -D / w, and both denoise the same way when w = sigma / 0.3. The factor
+  -1/w is folded into ``learnable_self_denoiser.proj_out`` (weight and bias) only when that fold is
+  exactly reversible at the stored precision (``fold_is_exact``: always for a power-of-two factor
+  such as cond_noise_level 0, and for the float64 head that our exporter writes); otherwise their
+  weights are kept bit for bit and ``model.denoiser_output_scale`` = -1/w multiplies the output.
+  Either way ``convert/ml_starflow_export.py`` gives their tensors back bit for bit.
 
 Architecture choices of theirs that change numbers are our config options, set here:
 ``rope_time_fraction`` = 16 / head_dim (misc/pe.py: dim_split = [head_dim/2 - 8, 8] pairs, the time
@@ -270,7 +274,10 @@ def config_from_theirs(args: dict, state: dict, t5_path: str = "", vae_path: str
 
     notes.append(f"text template {cfg.text.template!r} (fps {fps}, noise level "
                  f"{int(round(1000 * m.noise_std))}, aspect {aspect if args['mix_aspect'] else 'none'})")
-    notes.append(f"denoiser: proj_out scaled by {denoiser_output_scale(args):.6g} (their D -> our s)")
+    m.denoiser_output_scale = denoiser_output_scale(args) if m.use_denoiser else 1.0
+    if m.use_denoiser:
+        notes.append(f"denoiser: model.denoiser_output_scale = {m.denoiser_output_scale:.6g} "
+                     f"(their D -> our s = -D/w), weights unchanged")
     if args["local_attn_window"]:
         notes.append(f"local_attn_window={args['local_attn_window']}: theirs acts only at sampling "
                      f"(KV-cache length); use `launch.py sample --frames N --long-context C`")
@@ -292,6 +299,34 @@ def config_from_theirs(args: dict, state: dict, t5_path: str = "", vae_path: str
 def denoiser_output_scale(args: dict) -> float:
     w = float(args["noise_std"]) / 0.3 if args["cond_noise_level"] else 1.0
     return -1.0 / w
+
+
+DENOISER_HEAD = ("learnable_self_denoiser.proj_out.weight", "learnable_self_denoiser.proj_out.bias")
+
+
+def scale_tensor(value: torch.Tensor, factor: float) -> torch.Tensor:
+    """``value * factor`` computed in float64 (one rounding when cast back)."""
+    return value.double() * factor
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (dtype, shape and every bit, so -0.0 != 0.0 and NaN payloads count)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def fold_is_exact(tensors: list[torch.Tensor], factor: float, dtype: torch.dtype | None = None) -> bool:
+    """Whether folding ``factor`` into these tensors and storing them in ``dtype`` can be undone bit
+    for bit by multiplying with ``1 / factor`` and casting back to each tensor's own dtype."""
+    for t in tensors:
+        folded = scale_tensor(t, factor).to(t.dtype).to(dtype or t.dtype)
+        if not same_bits(scale_tensor(folded, 1.0 / factor).to(t.dtype), t):
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------ weights
@@ -354,7 +389,7 @@ def map_their_state_dict(state: dict[str, torch.Tensor], head_dim: int,
             continue
         if _DIRECT.match(key):
             if key.startswith("learnable_self_denoiser.proj_out.") and denoiser_scale != 1.0:
-                value = (value.double() * denoiser_scale).to(value.dtype)
+                value = scale_tensor(value, denoiser_scale).to(value.dtype)
             ours[key] = value
             continue
         unknown.append(key)
@@ -368,12 +403,20 @@ def import_ml_starflow(checkpoint: str, config: str, out_dir: str, t5_path: str 
     shapes, config fields that disagree with the weights) is listed in one error."""
     from megatron_starflow.convert.checks import (StateDictMismatch, check_config_against_weights,
                                                   check_shapes, expected_shapes)
-    from megatron_starflow.convert.inference import save_inference_folder
+    from megatron_starflow.convert.inference import DTYPES, save_inference_folder
 
     args = read_their_yaml(config)
     theirs = load_their_state_dict(checkpoint)
     cfg, notes = config_from_theirs(args, theirs, t5_path, vae_path, aspect)
-    ours, dropped, unknown = map_their_state_dict(theirs, cfg.model.head_dim, denoiser_output_scale(args))
+    scale = cfg.model.denoiser_output_scale
+    heads = [theirs[k] for k in DENOISER_HEAD if k in theirs]
+    fold = scale != 1.0 and len(heads) == len(DENOISER_HEAD) and fold_is_exact(heads, scale, DTYPES.get(dtype))
+    if fold:
+        cfg.model.denoiser_output_scale = 1.0
+        notes = [n for n in notes if not n.startswith("denoiser:")]
+        notes.append(f"denoiser: proj_out scaled by {scale:.6g} (their D -> our s = -D/w; exactly "
+                     f"reversible at this precision), model.denoiser_output_scale = 1")
+    ours, dropped, unknown = map_their_state_dict(theirs, cfg.model.head_dim, scale if fold else 1.0)
     check_config_against_weights(cfg.model, ours, f"{config} (as mapped to our config)")
     what = f"{checkpoint} (mapped to our names; unexpected keys in their names)"
     try:

@@ -25,11 +25,14 @@ class FlowScoreDenoiser(nn.Module):
     def __init__(self, channels: int, width: int, layers: int, head_dim: int, text_width: int,
                  mlp_ratio: int = 4, init_std: float = 0.02, rope_base: float = 10000.0,
                  rope_time_fraction: float = 0.25, recompute: bool = False, spec: str = "local",
-                 lookahead: str = "first_layer"):
+                 lookahead: str = "first_layer", output_scale: float = 1.0):
         super().__init__()
         if lookahead not in ("first_layer", "every_layer"):
             raise ValueError(f"model.denoiser_lookahead={lookahead!r}; valid: first_layer, every_layer")
         self.lookahead = lookahead
+        # model.denoiser_output_scale: a constant on the output (not a parameter), so the
+        # authors' weights load unchanged (see convert/ml_starflow.py).
+        self.output_scale = float(output_scale)
         self.rope = (head_dim, rope_base, rope_time_fraction)
         self.proj_in = nn.Linear(channels, width)
         self.proj_txt = nn.Linear(text_width, width)
@@ -52,4 +55,6 @@ class FlowScoreDenoiser(nn.Module):
             causal = layout.lookahead_mask(ahead=0).to(h.device)
             h = self.transformer(h, causal, angles, first_layer_allowed=ahead)
         out = self.proj_out(self.final_norm(h[:, layout.text_len:]))
+        if self.output_scale != 1.0:
+            out = out * self.output_scale
         return out.to(torch.promote_types(out.dtype, tokens.dtype))

@@ -79,7 +79,7 @@ class StarFlowV(nn.Module):
             self.learnable_self_denoiser = FlowScoreDenoiser(
                 c, cfg.resolved_denoiser_width, cfg.denoiser_layers, cfg.head_dim, cfg.text_width,
                 cfg.mlp_ratio, cfg.init_std, cfg.rope_base, cfg.rope_time_fraction, cfg.recompute,
-                spec, cfg.denoiser_lookahead)
+                spec, cfg.denoiser_lookahead, cfg.denoiser_output_scale)
 
     # -- layouts and orders -------------------------------------------------------------------
     @property

@@ -459,6 +459,8 @@ def cp_denoise_score(denoiser, tokens_local: torch.Tensor, layout: SlotLayout,
     with ContextParallelAttention(denoiser.transformer, slots_all, fns, group):
         h = denoiser.transformer(h, dummy, angles)
     out = denoiser.proj_out(denoiser.final_norm(h[:, n_text:]))
+    if denoiser.output_scale != 1.0:
+        out = out * denoiser.output_scale
     return out.to(torch.promote_types(out.dtype, tokens_local.dtype))
 
 
