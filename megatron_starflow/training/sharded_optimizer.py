@@ -64,11 +64,12 @@ def _dist() -> bool:
 
 
 def _size(group) -> int:
-    return dist.get_world_size(group) if _dist() else 1
+    """Size of ``group``; None means "no such parallel dimension" (size 1), not the world."""
+    return dist.get_world_size(group) if _dist() and group is not None else 1
 
 
 def _rank(group) -> int:
-    return dist.get_rank(group) if _dist() else 0
+    return dist.get_rank(group) if _dist() and group is not None else 0
 
 
 def chunk_rows(rows: int, parts: int, index: int) -> tuple[int, int]:
