@@ -57,11 +57,14 @@ def run_preset(preset: str, steps: int, warmup: int, overrides: list[str], peak_
     import torch
 
     from megatron_starflow.config import load_config
+    from megatron_starflow.data.collate import collate
     from megatron_starflow.data.synthetic import SyntheticCaptionedVideos
+    from megatron_starflow.data.tokenizer import ensure_tokenizer
+    from megatron_starflow.models.noise import add_noise
+    from megatron_starflow.models.system import StarFlowSystem
     from megatron_starflow.parallel.state import ensure_single_process
-    from megatron_starflow.training.builders import StarFlowSystem, collate
     from megatron_starflow.training.flops import model_flops, step_metrics
-    from megatron_starflow.training.losses import add_noise, flow_and_fsm_backward
+    from megatron_starflow.training.losses import flow_and_fsm_backward
 
     if threads:
         torch.set_num_threads(threads)
@@ -69,6 +72,8 @@ def run_preset(preset: str, steps: int, warmup: int, overrides: list[str], peak_
     ensure_single_process()
     torch.manual_seed(cfg.train.seed)
     with tempfile.TemporaryDirectory() as run_dir:
+        if cfg.text.encoder == "sentencepiece":
+            ensure_tokenizer(cfg, run_dir)
         system = StarFlowSystem(cfg, run_dir)
     system.train()
     d = cfg.data

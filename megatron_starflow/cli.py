@@ -53,7 +53,7 @@ def load_system(checkpoint: str):
         _, system, meta = load_inference_system(checkpoint)
         return system, int(meta.get("step", 0) or 0), checkpoint
     from megatron_starflow.parallel.state import ensure_single_process
-    from megatron_starflow.training.builders import StarFlowSystem
+    from megatron_starflow.models.system import StarFlowSystem
     from megatron_starflow.training.checkpoint import load_checkpoint
 
     cfg, state, step_dir = load_checkpoint(checkpoint)
@@ -65,7 +65,7 @@ def load_system(checkpoint: str):
 
 
 def cmd_eval(args) -> int:
-    from megatron_starflow.training.builders import make_datasets
+    from megatron_starflow.data.datasets import make_datasets
 
     if getattr(args, "suite", None) == "cpu":
         return cmd_eval_cpu_suite(args)

@@ -42,11 +42,13 @@ SAMPLING = ["t2v", "t2v_guided", "i2v", "i2v_guided", "t2v_tau", "i2v_tau"]
 @pytest.fixture(scope="module")
 def cp_checkpoint(tmp_path_factory, megatron_ready):
     from megatron_starflow.config import load_config
-    from megatron_starflow.training.builders import StarFlowSystem, tokenizer_path
+    from megatron_starflow.data.tokenizer import ensure_tokenizer, tokenizer_path
+    from megatron_starflow.models.system import StarFlowSystem
     from megatron_starflow.training.checkpoint import save_checkpoint
 
     run_dir = str(tmp_path_factory.mktemp("cp_run"))
     cfg = load_config(None, TINY_SYSTEM + [f"train.out_dir={run_dir}"])
+    ensure_tokenizer(cfg, run_dir)
     torch.manual_seed(0)
     system = StarFlowSystem(cfg, run_dir).double()
     gen = torch.Generator().manual_seed(0)

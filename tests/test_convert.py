@@ -33,12 +33,14 @@ def trained(tmp_path_factory, megatron_ready):
     training checkpoint, and its fp32 export."""
     from megatron_starflow.config import load_config
     from megatron_starflow.convert.training import export_checkpoint
-    from megatron_starflow.training.builders import StarFlowSystem, tokenizer_path
+    from megatron_starflow.data.tokenizer import ensure_tokenizer, tokenizer_path
+    from megatron_starflow.models.system import StarFlowSystem
     from megatron_starflow.training.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("convert")
     run_dir = str(root / "run")
     cfg = load_config(None, TINY_SYSTEM + [f"train.out_dir={run_dir}"])
+    ensure_tokenizer(cfg, run_dir)
     torch.manual_seed(0)
     system = StarFlowSystem(cfg, run_dir)
     g = torch.Generator().manual_seed(1)

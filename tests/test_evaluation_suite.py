@@ -24,11 +24,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def suite_env(tmp_path_factory, megatron_ready):
     """(system, run folder, step folder): random flow and denoiser heads, saved as step 0."""
     from megatron_starflow.config import load_config
-    from megatron_starflow.training.builders import StarFlowSystem, tokenizer_path
+    from megatron_starflow.data.tokenizer import ensure_tokenizer, tokenizer_path
+    from megatron_starflow.models.system import StarFlowSystem
     from megatron_starflow.training.checkpoint import save_checkpoint
 
     run_dir = str(tmp_path_factory.mktemp("eval_run"))
     cfg = load_config(None, SYSTEM + [f"train.out_dir={run_dir}"])
+    ensure_tokenizer(cfg, run_dir)
     torch.manual_seed(0)
     system = StarFlowSystem(cfg, run_dir)
     g = torch.Generator().manual_seed(0)
@@ -109,7 +111,7 @@ def test_denoiser_quality(suite_env):
 
 
 def _heldout(system):
-    from megatron_starflow.training.builders import make_datasets
+    from megatron_starflow.data.datasets import make_datasets
 
     return make_datasets(system.cfg).heldout
 

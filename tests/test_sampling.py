@@ -277,11 +277,13 @@ def system_env(tmp_path_factory, megatron_ready):
     """A tiny float64 StarFlowSystem (4 frames of 8x8 pixels -> 4 x 4x4 tokens of 12 channels),
     its run folder and a saved step-0 checkpoint of it."""
     from megatron_starflow.config import load_config
-    from megatron_starflow.training.builders import StarFlowSystem, tokenizer_path
+    from megatron_starflow.data.tokenizer import ensure_tokenizer, tokenizer_path
+    from megatron_starflow.models.system import StarFlowSystem
     from megatron_starflow.training.checkpoint import save_checkpoint
 
     run_dir = str(tmp_path_factory.mktemp("sampling_run"))
     cfg = load_config(None, TINY_SYSTEM + [f"train.out_dir={run_dir}"])
+    ensure_tokenizer(cfg, run_dir)
     torch.manual_seed(0)
     system = StarFlowSystem(cfg, run_dir).double()
     _randomize_system_heads(system.model)

@@ -130,11 +130,11 @@ def pack_latents(records, out: str, shard_size: int, shard_bytes: int, cfg, back
     it = VideoClipIterator(records, spec, backend, shuffle=False, bad_log=log, batch_size=8)
     codec = text_encoder = None
     if cfg.data.codec != "s2d":
-        from megatron_starflow.training.builders import make_codec
+        from megatron_starflow.models.system import make_codec
 
         codec = make_codec(cfg).eval()
     if cfg.text.encoder != "sentencepiece":
-        from megatron_starflow.training.builders import make_text_encoder
+        from megatron_starflow.models.system import make_text_encoder
 
         text_encoder = make_text_encoder(cfg, out).eval()
     keys = _unique_keys(records)

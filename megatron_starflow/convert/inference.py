@@ -190,7 +190,7 @@ def load_inference_system(folder: str, dtype: torch.dtype = torch.float32):
     ``dtype`` (fp32 by default) when loaded."""
     from megatron_starflow.convert.checks import check_config_against_weights, load_checked
     from megatron_starflow.parallel.state import ensure_single_process
-    from megatron_starflow.training.builders import StarFlowSystem
+    from megatron_starflow.models.system import StarFlowSystem
 
     cfg = read_config(folder)
     tensors, meta = read_tensors(folder)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from megatron_starflow.data.collate import collate
 from megatron_starflow.data.sampler import GlobalOrderSampler
 
 
@@ -40,9 +41,6 @@ class SyntheticBatchIterator:
     holds the sampler position."""
 
     def __init__(self, dataset, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1):
-        from megatron_starflow.training.builders import collate
-
-        self._collate = collate
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.sampler = TorchPermutationSampler(len(dataset), seed=seed, dp_rank=dp_rank,
@@ -51,7 +49,7 @@ class SyntheticBatchIterator:
     def next_batch(self) -> dict:
         epoch = self.sampler.epoch
         items = self.sampler.next_batch(self.batch_size)
-        batch = self._collate([self.dataset[index] for _, index in items])
+        batch = collate([self.dataset[index] for _, index in items])
         batch["position"] = [position for position, _ in items]
         batch["epoch"] = epoch
         return batch

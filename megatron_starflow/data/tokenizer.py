@@ -1,4 +1,4 @@
-"""Train a small sentencepiece model on captions.
+"""Train a small sentencepiece model on captions, and prepare a run's tokenizer.
 
 The special-token ids follow T5's layout (pad=0, eos=1, unk=2) so the same
 model file can back both SentencePieceTextEncoder and a tiny test T5 tokenizer;
@@ -10,6 +10,11 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+
+from megatron_starflow.config import Config, ConfigError
+from megatron_starflow.models.system import format_captions, tokenizer_path
+
+__all__ = ["ensure_tokenizer", "read_captions_file", "tokenizer_path", "train_sentencepiece"]
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
 NUM_SPECIAL = 4
@@ -77,3 +82,25 @@ def read_captions_file(path: str | os.PathLike) -> list[str]:
         raise ValueError(f"caption file {path} has no captions: it must contain one caption per line, "
                          f"or use --synthetic N to generate captions")
     return captions
+
+
+def ensure_tokenizer(cfg: Config, run_dir: str) -> str:
+    """The sentencepiece model of a run (``text.encoder=sentencepiece``): the configured one
+    (``text.path``), or one trained on the training split's captions (deterministic) and kept in
+    the run folder so checkpoints carry it. Returns its path (``tokenizer_path(cfg, run_dir)``)."""
+    path = tokenizer_path(cfg, run_dir)
+    if os.path.isfile(path):
+        return path
+    if cfg.text.path:
+        raise ConfigError(f"text.path={cfg.text.path!r} does not exist; train one with "
+                          f"`python tools/train_tokenizer.py` or leave text.path empty")
+    if cfg.data.source == "shards":  # the captions the run will actually train on
+        from megatron_starflow.data.loader import shard_captions
+
+        raw = shard_captions(cfg.data.shards)
+    else:
+        from megatron_starflow.data.synthetic import all_captions
+
+        raw = all_captions("train", cfg.data.num_train_clips)
+    train_sentencepiece(format_captions(cfg, raw), os.path.dirname(path), cfg.text.vocab_size)
+    return path

@@ -15,9 +15,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megatron_starflow.data.collate import collate
 from megatron_starflow.evaluation.likelihood import psnr
-from megatron_starflow.training.builders import StarFlowSystem, collate
-from megatron_starflow.training.losses import add_noise
+from megatron_starflow.models.noise import add_noise
+from megatron_starflow.models.system import StarFlowSystem
 
 
 def gaussian_window(size: int, sigma: float) -> torch.Tensor:

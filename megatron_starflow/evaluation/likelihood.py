@@ -18,9 +18,10 @@ import math
 
 import torch
 
+from megatron_starflow.data.collate import collate
+from megatron_starflow.models.noise import add_noise
 from megatron_starflow.models.starflow import HALF_LOG_2PI
-from megatron_starflow.training.builders import StarFlowSystem, collate
-from megatron_starflow.training.losses import add_noise
+from megatron_starflow.models.system import StarFlowSystem
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

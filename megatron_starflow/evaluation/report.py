@@ -28,7 +28,7 @@ def run_cpu_suite(system, samples: int = 16, guidance: float = 1.0, seed: int = 
                   long_factor: float = 2.0, denoiser_clips: int = 32, score_step: bool = True,
                   solver: str = "jacobi") -> tuple[dict, dict]:
     """-> (JSON-ready report, images for the page)."""
-    from megatron_starflow.training.builders import make_datasets
+    from megatron_starflow.data.datasets import make_datasets
 
     cfg = system.cfg
     heldout = make_datasets(cfg).heldout

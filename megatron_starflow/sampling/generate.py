@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_starflow.models.noise import add_noise
+from megatron_starflow.models.system import StarFlowSystem
 from megatron_starflow.sampling.jacobi import BlockInverter, SolverOptions, SolverStats
-from megatron_starflow.training.builders import StarFlowSystem
-from megatron_starflow.training.losses import add_noise
 
 
 @dataclass

@@ -38,12 +38,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_starflow.config import Config, ConfigError, save_config
+from megatron_starflow.data.datasets import make_datasets
+from megatron_starflow.data.tokenizer import ensure_tokenizer, tokenizer_path
 from megatron_starflow.evaluation.likelihood import evaluate
 from megatron_starflow.launch import faults
 from megatron_starflow.launch.preemption import PreemptionHandler, requeue
+from megatron_starflow.models.noise import add_noise
+from megatron_starflow.models.system import StarFlowSystem
 from megatron_starflow.training import checkpoint as ckpt
-from megatron_starflow.training.builders import StarFlowSystem, ensure_tokenizer, make_datasets, tokenizer_path
-from megatron_starflow.training.losses import add_noise, flow_and_fsm_backward
+from megatron_starflow.training.losses import flow_and_fsm_backward
 from megatron_starflow.training.metrics import MetricsLogger
 from megatron_starflow.training.schedule import lr_at
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_starflow.config import Config
-from megatron_starflow.training.builders import StarFlowSystem
+from megatron_starflow.models.system import StarFlowSystem
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.float32, "float64": torch.float64}
 

@@ -24,11 +24,6 @@ class StepLosses:
     output: FlowOutput
 
 
-def add_noise(tokens: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    eps = torch.randn(tokens.shape, generator=generator, dtype=tokens.dtype, device=tokens.device)
-    return tokens + sigma * eps
-
-
 def fsm_target(noisy_grad: torch.Tensor, batch_mean_scale: float, sigma: float) -> torch.Tensor:
     """-sigma * grad_x (summed NLL of each sample), from the grad of a batch-and-dim mean loss.
 

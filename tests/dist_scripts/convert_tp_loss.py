@@ -17,7 +17,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megatron_starflow.parallel import state  # noqa: E402
 from megatron_starflow.parallel.sharding import load_full_state_dict  # noqa: E402
-from megatron_starflow.training.builders import StarFlowSystem  # noqa: E402
+from megatron_starflow.models.system import StarFlowSystem  # noqa: E402
 from megatron_starflow.training.checkpoint import load_checkpoint  # noqa: E402
 
 

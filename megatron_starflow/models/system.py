@@ -1,0 +1,135 @@
+"""The model system: STARFlow-V + text encoder + codec, built from a config.
+
+Videos and captions go in, tokens and text embeddings go to the flow, tokens come back out as
+videos. Training, evaluation, sampling and the converters all build this one object from a saved
+config, so they see exactly the same model.
+
+The system loads an existing sentencepiece tokenizer (``text.path``, or ``<run>/tokenizer/spm.model``);
+preparing one from a run's captions is ``megatron_starflow.data.tokenizer.ensure_tokenizer``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from megatron_starflow.config import Config, ConfigError
+from megatron_starflow.models.codecs import LatentCodec, build_codec
+from megatron_starflow.models.starflow import StarFlowV, patchify, unpatchify
+from megatron_starflow.models.text import TextEncoder, build_text_encoder, format_caption
+
+
+def tokenizer_path(cfg: Config, run_dir: str) -> str:
+    """Where the run's sentencepiece model is: ``text.path``, else inside the run folder (so that
+    checkpoints carry it)."""
+    return cfg.text.path or os.path.join(run_dir, "tokenizer", "spm.model")
+
+
+def format_captions(cfg: Config, captions: list[str]) -> list[str]:
+    """Captions as the text encoder reads them: the configured template with the noise level (in
+    thousandths of ``model.noise_std``) and fps. Dropped captions ("") go through it as well, as
+    in the reference: the unconditional text still states the noise level and fps."""
+    noise = int(round(1000 * cfg.model.noise_std))
+    return [format_caption(c, cfg.text.template, noise=noise, fps=cfg.data.fps) for c in captions]
+
+
+def make_codec(cfg: Config) -> LatentCodec:
+    if cfg.data.codec == "s2d":
+        return build_codec("s2d", patch=cfg.data.s2d_patch, frames_per_token=cfg.data.s2d_frames)
+    if not cfg.data.codec_path:
+        raise ConfigError("data.codec=wan needs data.codec_path: a local diffusers AutoencoderKLWan "
+                          "folder (config.json + weights)")
+    return build_codec("wan", path=cfg.data.codec_path)
+
+
+def make_text_encoder(cfg: Config, run_dir: str) -> TextEncoder:
+    if cfg.text.encoder == "sentencepiece":
+        path = tokenizer_path(cfg, run_dir)
+        if not os.path.isfile(path):
+            if cfg.text.path:
+                raise ConfigError(f"text.path={cfg.text.path!r} does not exist; train one with "
+                                  f"`python tools/train_tokenizer.py` or leave text.path empty")
+            raise ConfigError(f"text.path is empty and the run folder has no tokenizer ({path}); "
+                              f"set text.path to a sentencepiece model, or prepare the run's own "
+                              f"with megatron_starflow.data.tokenizer.ensure_tokenizer")
+        return build_text_encoder("sentencepiece", model_path=path, width=cfg.text.width,
+                                  layers=cfg.text.layers, heads=cfg.text.heads,
+                                  max_length=cfg.model.text_length)
+    encoder = build_text_encoder("t5", path=cfg.text.path, max_length=cfg.model.text_length)
+    if encoder.width != cfg.model.text_width:
+        raise ConfigError(f"model.text_width={cfg.model.text_width} but the T5 encoder at "
+                          f"{cfg.text.path} outputs width {encoder.width}; set model.text_width="
+                          f"{encoder.width}")
+    return encoder
+
+
+class StarFlowSystem(nn.Module):
+    """Model + text encoder + codec: videos and captions in, tokens, text embeddings, videos out."""
+
+    def __init__(self, cfg: Config, run_dir: str):
+        super().__init__()
+        self.cfg = cfg
+        from megatron_starflow.models.transformer import te_options
+
+        with te_options(cfg.parallel.fp8, cfg.parallel.fp8_recipe):
+            self.model = StarFlowV(cfg.model, spec=cfg.parallel.spec)
+        self.text_encoder = make_text_encoder(cfg, run_dir)
+        self.codec = make_codec(cfg)
+
+    def trainable_state_dict(self) -> dict:
+        """What a checkpoint must hold: the flow (+ denoiser) and a trainable text encoder."""
+        state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.text_encoder.trainable:
+            state.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
+        return state
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        if self.text_encoder.trainable:
+            self.text_encoder.load_state_dict(
+                {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        emb, _ = self.text_encoder(format_captions(self.cfg, captions))
+        return emb.to(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.blocks[0].proj_in.weight.dtype
+
+    def video_to_tokens(self, video: torch.Tensor, dequantize: bool = True,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 ``[B, T, H, W, 3]`` -> model tokens ``[B, T', h, w, C']``."""
+        kwargs = {"generator": generator, "dequantize": dequantize} if self.cfg.data.codec == "s2d" else {}
+        latent = self._scale_later_frames(self.codec.encode(video, **kwargs), self.cfg.data.later_frames_scale)
+        return patchify(latent.to(self.dtype), self.cfg.model.patch_size)
+
+    @staticmethod
+    def _scale_later_frames(latent: torch.Tensor, factor: float) -> torch.Tensor:
+        """Multiply latent frames 1.. by ``factor`` (data.later_frames_scale; 1.0 = unchanged)."""
+        if factor == 1.0 or latent.shape[1] < 2:
+            return latent
+        scale = torch.full((latent.shape[1],), factor, dtype=latent.dtype, device=latent.device)
+        scale[0] = 1.0
+        return latent * scale.view(1, -1, *([1] * (latent.dim() - 2)))
+
+    def tokens_to_video_float(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Model tokens -> float video ``[B, T, H, W, 3]`` in [-1, 1]."""
+        latent = unpatchify(tokens, self.cfg.model.patch_size).float()
+        latent = self._scale_later_frames(latent, 1.0 / self.cfg.data.later_frames_scale)
+        return self.codec.decode(latent).clamp(-1, 1)
+
+    def tokens_to_video(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Model tokens -> uint8 video ``[B, T, H, W, 3]``."""
+        return self.codec.to_uint8(self.tokens_to_video_float(tokens))
+
+
+def param_groups(system: StarFlowSystem) -> tuple[list, list]:
+    """(flow + text encoder params, denoiser params): clipped and skip-tested separately, as the
+    reference gives the denoiser its own optimizer."""
+    den = system.model.learnable_self_denoiser
+    den_ids = {id(p) for p in den.parameters()} if den is not None else set()
+    flow = [p for p in system.parameters() if p.requires_grad and id(p) not in den_ids]
+    return flow, [p for p in den.parameters()] if den is not None else []
