@@ -157,7 +157,8 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str
     _SEQUENCE_PARALLEL = bool(sp)
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size() == tp
-                and parallel_state.get_pipeline_model_parallel_world_size() == pp):
+                and parallel_state.get_pipeline_model_parallel_world_size() == pp
+                and parallel_state.get_context_parallel_world_size() == cp):
             return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
