@@ -74,7 +74,7 @@ def test_export_layout(trained):
 
 
 def test_sampling_from_export_is_identical(trained):
-    from megatron_starflow.cli import load_system
+    from megatron_starflow.convert.loading import load_system
     from megatron_starflow.sampling.generate import generate
 
     run_dir, ckpt, export, _ = trained
@@ -127,7 +127,7 @@ def test_sharded_export(trained, tmp_path):
     single, _ = read_tensors(export)
     assert sharded.keys() == single.keys()
     assert all(torch.equal(sharded[k], single[k]) for k in single)
-    from megatron_starflow.cli import load_system
+    from megatron_starflow.convert.loading import load_system
 
     system, _, _ = load_system(out)  # loads like the single file
 
@@ -141,7 +141,7 @@ def _fixed_loss(system):
 
 
 def test_import_gives_same_loss_and_resumes(trained, tmp_path):
-    from megatron_starflow.cli import load_system
+    from megatron_starflow.convert.loading import load_system
     from megatron_starflow.config import load_config
     from megatron_starflow.convert.training import import_inference
     from megatron_starflow.training.checkpoint import load_checkpoint
@@ -178,7 +178,7 @@ def test_import_tp2_same_loss(trained, tmp_path):
     run_torchrun(os.path.join(REPO, "tests", "dist_scripts", "convert_tp_loss.py"), [run2, out],
                  world=2, timeout=400)
     result = json.loads(out.read_text())
-    from megatron_starflow.cli import load_system
+    from megatron_starflow.convert.loading import load_system
 
     src, _, _ = load_system(ckpt)
     reference = _fixed_loss(src)

@@ -59,7 +59,7 @@ def run_sampling_benchmark(checkpoint: str, prompts: int = 2, seed: int = 0, tau
     """Sequential vs plain Jacobi vs video-aware Jacobi on one checkpoint -> a JSON-ready dict."""
     import torch
 
-    from megatron_starflow.cli import load_system
+    from megatron_starflow.convert.loading import load_system
     from megatron_starflow.sampling.generate import generate
     from megatron_starflow.sampling.jacobi import SolverOptions
 
@@ -144,9 +144,9 @@ def run_cp_sampling_benchmark(checkpoint: str, cp: int = 2, prompts: int = 2, se
 
     import torch
 
-    from megatron_starflow.cli import load_system
+    from megatron_starflow.convert.loading import load_system
     from megatron_starflow.parallel.context_parallel import spawn_local
-    from megatron_starflow.sampling.cp_jacobi import _rank_summary, benchmark_worker
+    from megatron_starflow.cli.sample_cp import benchmark_worker, rank_summary
     from megatron_starflow.sampling.generate import generate
     from megatron_starflow.sampling.jacobi import SolverOptions
 
@@ -192,7 +192,7 @@ def run_cp_sampling_benchmark(checkpoint: str, cp: int = 2, prompts: int = 2, se
                "launch_seconds_incl_process_start": launch_seconds,
                "deep_network_evals": res["deep_network_evals"],
                "shallow_network_evals": res["shallow_network_evals"],
-               "frames_per_rank": res["ranges"], **_rank_summary(res["ranks"]),
+               "frames_per_rank": res["ranges"], **rank_summary(res["ranks"]),
                "per_rank": [{k: r[k] for k in ("rank", "frames", "network_evals",
                                                "speculative_passes", "context_passes",
                                                "final_passes", "iterations", "compute_seconds",
@@ -320,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_starflow.cli import _quiet_warnings
+    from megatron_starflow.cli.quiet import quiet_warnings
 
-    _quiet_warnings()
+    quiet_warnings()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -84,8 +84,8 @@ def import_inference(folder: str, run_dir: str, tp: int = 1, pp: int = 1, step: 
     from megatron_starflow.config import save_config
     from megatron_starflow.convert.inference import load_inference_system
     from megatron_starflow.parallel.state import validate_parallel
+    from megatron_starflow.models.system import param_groups
     from megatron_starflow.training import checkpoint as ckpt
-    from megatron_starflow.training.loop import _param_groups
 
     cfg, system, _ = load_inference_system(folder)
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
@@ -102,7 +102,7 @@ def import_inference(folder: str, run_dir: str, tp: int = 1, pp: int = 1, step: 
 
         os.makedirs(os.path.join(run_dir, "tokenizer"), exist_ok=True)
         shutil.copy(tokenizer, os.path.join(run_dir, "tokenizer", "spm.model"))
-    flow, den = _param_groups(system)
+    flow, den = param_groups(system)
     groups = [{"params": flow, "name": "flow"}] + ([{"params": den, "name": "denoiser"}] if den else [])
     tr = cfg.train
     optimizer = torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.beta1, tr.beta2),

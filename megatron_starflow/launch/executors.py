@@ -4,8 +4,8 @@ processes, through submitit.
 * ``slurm``: one SLURM task per GPU (``--ntasks-per-node = --gpus-per-node``, no torchrun inside);
   every task runs :class:`CommandJob`, which takes its rank, world size and rendezvous from
   ``submitit.JobEnvironment()`` (MASTER_ADDR = the first host of the job, MASTER_PORT derived from
-  the job id) and calls ``megatron_starflow.cli.main`` with the command line minus the launcher
-  flags. Preemption: sbatch gets ``--signal=USR2@<signal_delay_s>`` (submitit's) and the loop
+  the job id) and calls the command-line entry it was given (``megatron_starflow.cli.main``) with
+  the command line minus the launcher flags. Preemption: sbatch gets ``--signal=USR2@<signal_delay_s>`` (submitit's) and the loop
   also listens to SIGTERM/SIGUSR1; at the next step boundary it checkpoints and lets submitit
   requeue ``CommandJob.checkpoint()`` (the same command, which resumes from ``latest``).
 * ``local``: submitit's LocalExecutor: ``nodes * gpus_per_node`` processes on this machine (gloo on
@@ -143,18 +143,17 @@ def distributed_env_from_submitit() -> dict:
 
 
 class CommandJob:
-    """What every task runs: ``megatron_starflow.cli.main(argv)`` after the rendezvous variables are
-    set from submitit. ``checkpoint()`` is submitit's requeue hook: it resubmits the same command,
-    which resumes from the run's ``checkpoints/latest``."""
+    """What every task runs: ``entry(argv)`` (the command line's ``main``, pickled by reference)
+    after the rendezvous variables are set from submitit. ``checkpoint()`` is submitit's requeue
+    hook: it resubmits the same command, which resumes from the run's ``checkpoints/latest``."""
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], entry):
         self.argv = list(argv)
+        self.entry = entry
 
     def __call__(self) -> int:
         values = distributed_env_from_submitit()
-        from megatron_starflow.cli import main
-
-        code = main(self.argv)
+        code = self.entry(self.argv)
         if code:
             raise RuntimeError(f"task {values['RANK']}: launch.py {' '.join(self.argv)} exited "
                                f"with {code}")
@@ -163,31 +162,21 @@ class CommandJob:
     def checkpoint(self, *args, **kwargs):
         import submitit
 
-        return submitit.helpers.DelayedSubmission(CommandJob(self.argv))
+        return submitit.helpers.DelayedSubmission(CommandJob(self.argv, self.entry))
 
 
 # ------------------------------------------------------------------------------ submission side
 
-def _run_dir(command: str, argv: list[str]) -> str:
+def _run_dir(command: str, args) -> str:
     if command == "train":
-        cfg = _resolved_config(argv)
-        for i, a in enumerate(argv):
-            if a == "--out" and i + 1 < len(argv):
-                return argv[i + 1]
-            if a.startswith("--out="):
-                return a.split("=", 1)[1]
-        return cfg.train.out_dir
-    for i, a in enumerate(argv):
-        if a == "--checkpoint" and i + 1 < len(argv):
-            return argv[i + 1]
-    return "runs/launch"
+        return args.out or _resolved_config(args).train.out_dir
+    return getattr(args, "checkpoint", None) or "runs/launch"
 
 
-def _resolved_config(argv: list[str]):
-    from megatron_starflow.cli import build_parser
+def _resolved_config(args):
+    """The config a train command line resolves to (its parsed ``--config`` and overrides)."""
     from megatron_starflow.config import load_config
 
-    args = build_parser().parse_args(argv)
     return load_config(getattr(args, "config", None), getattr(args, "overrides", []) or [])
 
 
@@ -220,15 +209,17 @@ def render_sbatch(s: LaunchSettings, command: str, folder: str) -> str:
     return _make_sbatch_string(command=submit_cmd, folder=folder, **slurm_parameters(s, command))
 
 
-def launch(command: str, argv_all: list[str], args) -> int:
-    """Entry from ``cli.main`` when ``--executor`` is given."""
+def launch(command: str, argv_all: list[str], args, entry) -> int:
+    """Entry from the command line's ``main`` when ``--executor`` is given: ``args`` is its parse
+    of ``argv_all``; every task runs ``entry(argv)`` (``argv`` = ``argv_all`` without the launcher
+    flags)."""
     s = settings_from_args(args)
     _, argv = split_argv(argv_all)
-    run_dir = _run_dir(command, argv)
+    run_dir = _run_dir(command, args)
     folder = os.path.abspath(s.job_dir or os.path.join(run_dir, "submitit"))
     world = s.tasks if command == "train" else 1
     if command == "train":
-        cfg = _resolved_config(argv)
+        cfg = _resolved_config(args)
         from megatron_starflow.parallel.state import validate_parallel
 
         dp = validate_parallel(cfg, world)
@@ -257,7 +248,7 @@ def launch(command: str, argv_all: list[str], args) -> int:
     else:
         executor = submitit.SlurmExecutor(os.path.join(folder, "%j"))
         executor.update_parameters(**slurm_parameters(s, command))
-    job = executor.submit(CommandJob(argv))
+    job = executor.submit(CommandJob(argv, entry))
     print(f"submitted {command} as job {job.job_id} ({s.executor}, {world} task(s)); logs: {folder}",
           flush=True)
     if s.executor == "slurm":

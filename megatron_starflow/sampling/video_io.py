@@ -1,4 +1,5 @@
-"""Writing videos and frame grids (atomically: temp name, then rename)."""
+"""Reading conditioning videos / images, writing videos and frame grids (atomically: temp name,
+then rename)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,21 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 8, upscale: int = 1) -> 
             writer.append_data(frame)
     os.replace(tmp, path)
     return path
+
+
+def write_videos(videos: np.ndarray, out: str, fps: int, grid: str | None = None) -> list[str]:
+    """uint8 ``[B, T, H, W, 3]`` -> one mp4 per video (``out``, or ``<root>_<i><ext>`` for a
+    batch), upscaled for viewing, at most 8 fps; plus the PNG frame grid of all of them at
+    ``grid``. Returns the mp4 paths."""
+    up = auto_upscale(videos.shape[2])
+    root, ext = os.path.splitext(out)
+    paths = []
+    for i in range(videos.shape[0]):
+        path = out if videos.shape[0] == 1 else f"{root}_{i}{ext or '.mp4'}"
+        paths.append(write_mp4(path, videos[i], fps=min(fps, 8), upscale=up))
+    if grid:
+        write_png(grid, frame_grid(videos, upscale=max(1, up // 2)))
+    return paths
 
 
 def frame_grid(videos: np.ndarray, upscale: int = 1, gap: int = 2) -> np.ndarray:
@@ -74,3 +90,18 @@ def read_video(path: str) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[-1] not in (3, 4):
         raise ValueError(f"{path!r} decoded to shape {frames.shape}; expected [T, H, W, 3]")
     return np.ascontiguousarray(frames[..., :3]).astype(np.uint8)
+
+
+def conditioning_frames(task: str, image: str | None = None, video: str | None = None,
+                        context_frames: int = 0) -> np.ndarray | None:
+    """The given frames of an I2V (first frame of ``image``) or V2V (``video``, cut to
+    ``context_frames`` when > 0) task as uint8 ``[F, H, W, 3]``; None for T2V."""
+    if task not in ("i2v", "v2v"):
+        return None
+    source = image if task == "i2v" else video
+    if not source:
+        raise ValueError(f"--task {task} needs --{'image' if task == 'i2v' else 'video'} PATH")
+    frames = read_video(source)
+    if task == "i2v":
+        return frames[:1]
+    return frames[:context_frames] if context_frames else frames

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,7 @@ from megatron_starflow.evaluation.likelihood import evaluate
 from megatron_starflow.launch import faults
 from megatron_starflow.launch.preemption import PreemptionHandler, requeue
 from megatron_starflow.models.noise import add_noise
-from megatron_starflow.models.system import StarFlowSystem
+from megatron_starflow.models.system import StarFlowSystem, param_groups
 from megatron_starflow.training import checkpoint as ckpt
 from megatron_starflow.training.losses import flow_and_fsm_backward
 from megatron_starflow.training.metrics import MetricsLogger
@@ -221,10 +222,19 @@ def _set_tracker_states(states: dict) -> None:
 
 # ------------------------------------------------------------------------------ the loop
 
-def _param_groups(system: StarFlowSystem):
-    from megatron_starflow.training.loop import _param_groups as groups
+DTYPES = {"float32": torch.float32, "bfloat16": torch.float32, "float64": torch.float64}
 
-    return groups(system)
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    skipped: int
+    eval_start: dict
+    eval_end: dict
+    seconds: float
+    preempted: bool = False  # stopped by SIGTERM/SIGUSR1 after a checkpoint (and a requeue)
+    stop_reason: str = ""
 
 
 def train(cfg: Config, run_dir: str | None = None, quiet: bool = False,
@@ -233,7 +243,6 @@ def train(cfg: Config, run_dir: str | None = None, quiet: bool = False,
     from megatron_starflow.models.text import drop_captions
     from megatron_starflow.parallel.grads import (allreduce_data_parallel_grads,
                                                    allreduce_sequence_parallel_grads)
-    from megatron_starflow.training.loop import DTYPES, TrainResult
 
     tr = cfg.train
     run_dir = run_dir or tr.out_dir
@@ -250,7 +259,7 @@ def train(cfg: Config, run_dir: str | None = None, quiet: bool = False,
     layout.barrier()
     system = StarFlowSystem(cfg, run_dir).to(DTYPES[tr.dtype])
     data = make_datasets(cfg)
-    flow_params, den_params = _param_groups(system)
+    flow_params, den_params = param_groups(system)
     groups = [{"params": flow_params, "name": "flow"}]
     if den_params:
         groups.append({"params": den_params, "name": "denoiser"})

@@ -42,7 +42,7 @@ def system(path: str, smooth: bool = False):
     checkpoint's std-0.2 heads make the random deep block chaotic, tokens up to ~24)."""
     key = "smooth" if smooth else "plain"
     if key not in _SYSTEM:
-        from megatron_starflow.cli import load_system
+        from megatron_starflow.convert.loading import load_system
 
         sys_, _, _ = load_system(path)
         sys_ = sys_.double().eval()

@@ -1,0 +1,27 @@
+"""``launch.py sample``: videos from a checkpoint on one process, or (``--cp N``) on N
+context-parallel ranks (cli/sample_cp.py)."""
+
+from __future__ import annotations
+
+import json
+
+
+def cmd_sample(args) -> int:
+    if getattr(args, "cp", 1) != 1:  # context-parallel: N ranks share the frames
+        from megatron_starflow.cli.sample_cp import cmd_sample_cp
+
+        return cmd_sample_cp(args)
+    from megatron_starflow.cli.sample_args import conditioning_of, prompts_of, write_samples
+    from megatron_starflow.convert.loading import load_system
+    from megatron_starflow.sampling.generate import generate
+    from megatron_starflow.sampling.jacobi import SolverOptions
+
+    prompts = prompts_of(args)
+    prefix = conditioning_of(args)
+    system, step, _ = load_system(args.checkpoint)
+    opts = SolverOptions(solver=args.solver, first_block=args.block_size[0],
+                         later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)
+    out = generate(system, prompts, args.frames, args.seed, opts, prefix,
+                   context_frames=args.long_context)
+    print(json.dumps(write_samples(args, out, system.cfg.data.fps, step, prompts, args.solver)))
+    return 0
