@@ -44,6 +44,7 @@ import re
 import shutil
 import time
 import uuid
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -221,7 +222,9 @@ def save(run_dir: str, step: int, tensors: dict, extras_for_this_rank: dict | No
     for part, state in _split(tensors).items():
         writer = dcp.FileSystemWriter(os.path.join(tmp, part), single_file_per_rank=True, sync_files=True,
                                       thread_count=1)
-        dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
         prefix = f"__{rank}_"
         written += [f"{part}/{f}" for f in sorted(os.listdir(os.path.join(tmp, part)))
                     if f.startswith(prefix) and f.endswith(".distcp")]
@@ -417,7 +420,9 @@ def load(path: str, tensors_template: dict, group=None, strict: bool = True) -> 
         if missing and strict:
             raise KeyError(f"{path}: {len(missing)} tensors are not in the checkpoint, e.g. {missing[:5]}")
         state = {k: v for k, v in state.items() if k in stored}
-        dcp.load(state, storage_reader=reader, process_group=group, no_dist=group is None)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(state, storage_reader=reader, process_group=group, no_dist=group is None)
         out.update(state)
     return out
 
@@ -432,7 +437,9 @@ def load_full_tensors(path: str, part: str = "model", prefix: str = "", strip: b
     stored = reader.read_metadata().state_dict_metadata
     state = {k: torch.empty(tuple(md.size), dtype=md.properties.dtype) for k, md in stored.items()
              if isinstance(md, TensorStorageMetadata) and k.startswith(prefix)}
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return {(k[len(prefix):] if strip else k): v for k, v in state.items()}
 
 

@@ -379,6 +379,13 @@ class ShardedAdamW:
         """This rank's fp32 master rows of parameter ``fqn`` (for tests and checks)."""
         return self._master_rows(self._entry(fqn))
 
+    def state_rows(self, fqn: str) -> dict[str, torch.Tensor]:
+        """This rank's rows of parameter ``fqn``: ``master``, ``exp_avg``, ``exp_avg_sq`` (views)
+        and ``rows`` = (lo, hi) of the (TP-local) tensor."""
+        e = self._entry(fqn)
+        return {"master": self._master_rows(e), "exp_avg": self._moment_rows(self._exp_avg, e),
+                "exp_avg_sq": self._moment_rows(self._exp_avg_sq, e), "rows": (e.lo, e.hi)}
+
     def owned_rows(self, fqn: str) -> tuple[int, int]:
         e = self._entry(fqn)
         return e.lo, e.hi
