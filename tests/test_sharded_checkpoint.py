@@ -202,6 +202,30 @@ def test_save_interrupted_before_rename(tmp_path):
     assert sc.find_resumable(str(tmp_path)) == (first, [])
 
 
+def test_roundtrip_with_process_group(megatron_ready, tmp_path):
+    """With torch.distributed initialised (one rank), the state is DTensors on a one-rank mesh."""
+    from torch.distributed.tensor import DTensor
+
+    from megatron_starflow.training import sharded_checkpoint as sc
+
+    model, opt = trained(steps=2)
+    t = tensors(opt)
+    assert isinstance(t["optim.flow.fc1.weight.master"], DTensor) and isinstance(t["model.fc1.weight"], DTensor)
+    path = sc.save(str(tmp_path), 2, t, {"r": 0}, {}, {}, keep=1)
+    assert sc.find_resumable(str(tmp_path)) == (path, [])
+    fresh, opt2 = trained(steps=0, seed=5)
+    loaded = sc.load(path, tensors(opt2))
+    opt2.load_sharded_state_dict(loaded)
+    opt2.load_model_sharded_state_dict(loaded)
+    for (k, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), k
+        for n in ("master", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state_rows(k)[n], opt2.state_rows(k)[n]), (k, n)
+    assert torch.equal(sc.load_full_model(path)["fc2.weight"], model.fc2.weight.detach())
+    opt.close()
+    opt2.close()
+
+
 @pytest.mark.slow
 def test_reshard_4_ranks(tmp_path):
     from megatron_starflow.training import sharded_checkpoint as sc

@@ -339,9 +339,11 @@ class ShardedAdamW:
             b["segment"] = max(b["sizes"]) if b["sizes"] else 0
 
         self._hooks = []
+        self._by_fqn = {e.fqn: e for e in self.entries}
         for e in self.entries:
             e.param.main_grad = self._grad_buffer[e.grad_offset:e.grad_offset + e.param.numel()].view(e.param.shape)
-            self._hooks.append(e.param.register_post_accumulate_grad_hook(self._accumulate_hook))
+            if e.param.requires_grad:
+                self._hooks.append(e.param.register_post_accumulate_grad_hook(self._accumulate_hook))
         self.sync_master_from_model()
 
         # Every rank must know every group's name (pipeline stages may lack a group).
@@ -391,10 +393,7 @@ class ShardedAdamW:
         return e.lo, e.hi
 
     def _entry(self, fqn: str) -> _Entry:
-        for e in self.entries:
-            if e.fqn == fqn:
-                return e
-        raise KeyError(fqn)
+        return self._by_fqn[fqn]
 
     @torch.no_grad()
     def sync_master_from_model(self) -> None:
@@ -436,7 +435,10 @@ class ShardedAdamW:
 
     @torch.no_grad()
     def grad_norms(self) -> dict[str, float]:
-        """Global L2 norm of each group's averaged main grads (collective over ``norm_group``)."""
+        """Global L2 norm of each group's averaged main grads (collective over ``norm_group``), for
+        every group name known on any rank of ``norm_group``. Each rank sums its OWN rows only, so
+        data- and context-parallel replicas are already counted once: ``counts_in_norm`` must
+        exclude only TP duplicates (TP-replicated params on tp_rank != 0), never DP/CP ranks."""
         index = {n: i for i, n in enumerate(self.all_group_names)}
         sums = torch.zeros(len(index), dtype=torch.float64, device=self.device)
         for e in self.entries:
