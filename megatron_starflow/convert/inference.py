@@ -178,7 +178,7 @@ def load_inference_model(folder: str, dtype: torch.dtype = torch.float32):
     model_state, _ = split_state(tensors)
     check_config_against_weights(cfg.model, model_state, folder)
     ensure_single_process()
-    model = StarFlowV(cfg.model, spec=cfg.parallel.spec).to(dtype)
+    model = StarFlowV(cfg.model, parallel=cfg.parallel).to(dtype)
     load_checked(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in model_state.items()},
                  f"the weights of {folder}")
     model.eval()

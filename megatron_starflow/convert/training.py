@@ -157,7 +157,7 @@ def verify_export(checkpoint: str, out_dir: str, only_ema: bool = False) -> dict
     cfg, weights, _, step_dir = read_training_weights(checkpoint, only_ema)
     ensure_single_process()
     model_state, text_state = split_state(weights)
-    reference = StarFlowV(cfg.model, spec=cfg.parallel.spec).to(torch.float32)
+    reference = StarFlowV(cfg.model, parallel=cfg.parallel).to(torch.float32)
     load_checked(reference, {k: v.float() for k, v in model_state.items()}, step_dir)
     reference.eval()
     _, exported, _ = load_inference_model(out_dir, torch.float32)

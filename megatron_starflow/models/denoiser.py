@@ -17,15 +17,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatron_starflow.config import ParallelConfig
 from megatron_starflow.models.layout import SlotLayout
-from megatron_starflow.models.transformer import TransformerStack, ZeroCenteredRMSNorm
+from megatron_starflow.models.transformer import TransformerStack, ZeroCenteredRMSNorm, stack_options
 
 
 class FlowScoreDenoiser(nn.Module):
     def __init__(self, channels: int, width: int, layers: int, head_dim: int, text_width: int,
                  mlp_ratio: int = 4, init_std: float = 0.02, rope_base: float = 10000.0,
-                 rope_time_fraction: float = 0.25, recompute: bool = False, spec: str = "local",
-                 lookahead: str = "first_layer", output_scale: float = 1.0):
+                 rope_time_fraction: float = 0.25, recompute: bool = False,
+                 parallel: ParallelConfig | None = None, lookahead: str = "first_layer",
+                 output_scale: float = 1.0):
         super().__init__()
         if lookahead not in ("first_layer", "every_layer"):
             raise ValueError(f"model.denoiser_lookahead={lookahead!r}; valid: first_layer, every_layer")
@@ -36,7 +38,8 @@ class FlowScoreDenoiser(nn.Module):
         self.rope = (head_dim, rope_base, rope_time_fraction)
         self.proj_in = nn.Linear(channels, width)
         self.proj_txt = nn.Linear(text_width, width)
-        self.transformer = TransformerStack(width, layers, head_dim, mlp_ratio, init_std, recompute, spec)
+        self.transformer = TransformerStack(width, layers, head_dim, mlp_ratio, init_std, recompute,
+                                            **stack_options(parallel))
         self.final_norm = ZeroCenteredRMSNorm(width)
         self.proj_out = nn.Linear(width, channels)
         # Zero output: an untrained denoiser returns its input unchanged.

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_starflow.config import ParallelConfig
 from megatron_starflow.models.layout import SlotLayout
-from megatron_starflow.models.transformer import KVCache, TransformerStack, ZeroCenteredRMSNorm
+from megatron_starflow.models.transformer import (KVCache, TransformerStack, ZeroCenteredRMSNorm,
+                                                  stack_options)
 
 # softplus(0 + SOFTPLUS_INV_ONE) = 1: a zero network output means unit scale.
 SOFTPLUS_INV_ONE = math.log(math.expm1(1.0))
@@ -28,7 +30,7 @@ class FlowBlock(nn.Module):
     def __init__(self, channels: int, width: int, layers: int, head_dim: int, mlp_ratio: int = 4,
                  soft_clip: float = 4.0, text_width: int = 0, init_std: float = 0.02,
                  rope_base: float = 10000.0, rope_time_fraction: float = 0.25,
-                 recompute: bool = False, spec: str = "local"):
+                 recompute: bool = False, parallel: ParallelConfig | None = None):
         super().__init__()
         self.channels, self.width, self.head_dim = channels, width, head_dim
         self.soft_clip = soft_clip
@@ -38,7 +40,8 @@ class FlowBlock(nn.Module):
         self.sos_embed = nn.Parameter(torch.randn(1, 1, channels) * init_std)
         self.proj_in = nn.Linear(channels, width)
         self.proj_txt = nn.Linear(text_width, width) if text_width else None
-        self.transformer = TransformerStack(width, layers, head_dim, mlp_ratio, init_std, recompute, spec)
+        self.transformer = TransformerStack(width, layers, head_dim, mlp_ratio, init_std, recompute,
+                                            **stack_options(parallel))
         self.final_norm = ZeroCenteredRMSNorm(width)
         self.proj_out = nn.Linear(width, 2 * channels)
         nn.init.zeros_(self.proj_out.weight)

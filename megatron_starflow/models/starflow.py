@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megatron_starflow.config import ModelConfig
+from megatron_starflow.config import ModelConfig, ParallelConfig
 from megatron_starflow.models.denoiser import FlowScoreDenoiser
 from megatron_starflow.models.flow_block import FlowBlock
 from megatron_starflow.models.layout import SlotLayout
@@ -62,14 +62,18 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
 
 
 class StarFlowV(nn.Module):
-    def __init__(self, cfg: ModelConfig, spec: str = "local"):
+    """``parallel``: the config's ``parallel.*`` (layer spec, sequence parallelism, FP8), handed to
+    every transformer stack; None builds a local-spec model without SP or FP8. The TP size is
+    megatron's ``parallel_state``."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig | None = None):
         super().__init__()
         self.cfg = cfg
         c = cfg.token_channels
         common = dict(head_dim=cfg.head_dim, mlp_ratio=cfg.mlp_ratio, soft_clip=cfg.soft_clip,
                       init_std=cfg.init_std, rope_base=cfg.rope_base,
                       rope_time_fraction=cfg.rope_time_fraction, recompute=cfg.recompute,
-                      spec=spec)
+                      parallel=parallel)
         shallow = [FlowBlock(c, cfg.shallow_width, cfg.shallow_layers, **common)
                    for _ in range(cfg.num_blocks - 1)]
         deep = FlowBlock(c, cfg.deep_width, cfg.deep_layers, text_width=cfg.text_width, **common)
@@ -79,7 +83,7 @@ class StarFlowV(nn.Module):
             self.learnable_self_denoiser = FlowScoreDenoiser(
                 c, cfg.resolved_denoiser_width, cfg.denoiser_layers, cfg.head_dim, cfg.text_width,
                 cfg.mlp_ratio, cfg.init_std, cfg.rope_base, cfg.rope_time_fraction, cfg.recompute,
-                spec, cfg.denoiser_lookahead, cfg.denoiser_output_scale)
+                parallel, cfg.denoiser_lookahead, cfg.denoiser_output_scale)
 
     # -- layouts and orders -------------------------------------------------------------------
     @property

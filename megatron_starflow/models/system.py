@@ -71,10 +71,7 @@ class StarFlowSystem(nn.Module):
     def __init__(self, cfg: Config, run_dir: str):
         super().__init__()
         self.cfg = cfg
-        from megatron_starflow.models.transformer import te_options
-
-        with te_options(cfg.parallel.fp8, cfg.parallel.fp8_recipe):
-            self.model = StarFlowV(cfg.model, spec=cfg.parallel.spec)
+        self.model = StarFlowV(cfg.model, parallel=cfg.parallel)
         self.text_encoder = make_text_encoder(cfg, run_dir)
         self.codec = make_codec(cfg)
 

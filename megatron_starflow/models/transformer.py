@@ -5,11 +5,12 @@ Every stack of the model (shallow blocks, deep block, denoiser) is a megatron-co
 as in the authors' blocks. The layers come from a spec, so the parallel issue swaps in Transformer
 Engine layers or sets TP/SP sizes without touching the model code.
 
-Tensor and sequence parallelism (megatron's ColumnParallel/RowParallel linears, heads split over
-the TP group) are read from ``parallel.state`` when a stack is built: under TP each rank holds
-heads/tp heads (and its KV cache holds keys of those heads only); under SP the [S, B, W]
-activations between layers are split along S, so the stack scatters its input before the block and
-gathers after it. Everything outside the stacks (flow heads, sos, final norm, text projections)
+Tensor parallelism (megatron's ColumnParallel/RowParallel linears, heads split over the TP group)
+takes its size from megatron's ``parallel_state`` when a stack is built: under TP each rank holds
+heads/tp heads (and its KV cache holds keys of those heads only). Sequence parallelism, the layer
+spec and FP8 are arguments of each stack (``parallel.*`` of the config, passed down by the model),
+as megatron passes them in a ``TransformerConfig``: under SP the [S, B, W] activations between
+layers are split along S, so the stack scatters its input before the block and gathers after it. Everything outside the stacks (flow heads, sos, final norm, text projections)
 stays replicated: they are tiny next to the stacks (< 0.3 % of the 7 B preset), and replicated
 heads keep the flow's log-det and loss computation local to every rank.
 
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from megatron_starflow.config import ParallelConfig
 
 
 def _megatron():
@@ -257,21 +260,20 @@ def local_key_map(te_state_dict: dict) -> dict:
     return _rename(te_state_dict, [(new, old) for old, new in _TE_RENAMES])
 
 
-# Transformer Engine options read by every TransformerStack built inside ``te_options``.
-_TE_OPTIONS = {"fp8": "none", "fp8_recipe": "delayed"}
+def stack_options(parallel: ParallelConfig | None) -> dict:
+    """The ``TransformerStack`` settings of ``parallel.*``: layer spec, sequence parallelism, FP8
+    and its recipe. None: local spec, no SP, no FP8 (a one-process model)."""
+    p = parallel or ParallelConfig()
+    return {"spec": p.spec, "sp": p.sp, "fp8": p.fp8, "fp8_recipe": p.fp8_recipe}
 
 
-@contextlib.contextmanager
-def te_options(fp8: str = "none", fp8_recipe: str = "delayed"):
-    """Build stacks with FP8 (``parallel.fp8``: none | hybrid | e4m3) and its recipe
-    (``parallel.fp8_recipe``); only meaningful with ``parallel.spec=te``."""
-    saved = dict(_TE_OPTIONS)
-    _TE_OPTIONS.update(fp8=fp8, fp8_recipe=fp8_recipe)
-    try:
-        yield
-    finally:
-        _TE_OPTIONS.clear()
-        _TE_OPTIONS.update(saved)
+def tensor_parallel_size() -> int:
+    """TP size of megatron's ``parallel_state`` (1 when it is not initialised)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
 
 
 def transformer_config(width: int, layers: int, head_dim: int, mlp_ratio: int, init_std: float,
@@ -299,34 +301,29 @@ def transformer_config(width: int, layers: int, head_dim: int, mlp_ratio: int, i
 class TransformerStack(nn.Module):
     """A megatron TransformerBlock behind a batch-first interface with boolean masks and RoPE.
 
-    ``tp`` / ``sp`` default to what ``parallel.state.initialize`` set up (1 / False in a plain
-    one-process run). The stack's megatron config keeps ``pipeline_model_parallel_size = 1`` even
-    when the model is pipelined: our pipeline stages own whole flow blocks (``parallel.pipeline``),
-    so megatron must neither split this block's layers again nor offset their numbers."""
+    ``spec``, ``sp``, ``fp8`` and ``fp8_recipe`` are ``parallel.*`` of the config
+    (``stack_options``); the TP size is megatron's (1 in a plain one-process run), and sequence
+    parallelism only takes effect with TP > 1. Sizes that must divide are checked before anything
+    is built (``parallel.state.validate_parallel``). The stack's megatron config keeps
+    ``pipeline_model_parallel_size = 1`` even when the model is pipelined: our pipeline stages own
+    whole flow blocks (``parallel.pipeline``), so megatron must neither split this block's layers
+    again nor offset their numbers."""
 
     def __init__(self, width: int, layers: int, head_dim: int, mlp_ratio: int = 4,
                  init_std: float = 0.02, recompute: bool = False, spec: str = "local",
-                 tp: int | None = None, sp: bool | None = None):
+                 sp: bool = False, fp8: str = "none", fp8_recipe: str = "delayed"):
         super().__init__()
         if spec not in LAYER_SPECS:
             raise ValueError(f"parallel.spec={spec!r} is not available; valid: {', '.join(LAYER_SPECS)}")
-        from megatron_starflow.parallel import state
-
-        tp = state.tensor_parallel_size() if tp is None else tp
-        sp = state.sequence_parallel_enabled() if sp is None else sp
-        heads = width // head_dim
-        if heads % tp:
-            raise ValueError(f"width {width} / head_dim {head_dim} = {heads} heads is not divisible "
-                             f"by parallel.tp={tp}")
-        fp8 = _TE_OPTIONS["fp8"]
         if fp8 != "none" and spec != "te":
             raise ValueError(f"parallel.fp8={fp8} needs parallel.spec=te (FP8 GEMMs are Transformer "
                              f"Engine layers)")
+        tp = tensor_parallel_size()
         layer = LAYER_SPECS[spec]()  # raises SpecUnavailableError early for te without TE/CUDA
         mc = _megatron()
         self.config = transformer_config(width, layers, head_dim, mlp_ratio, init_std, recompute,
                                          tp=tp, sp=bool(sp and tp > 1), fp8=fp8,
-                                         fp8_recipe=_TE_OPTIONS["fp8_recipe"])
+                                         fp8_recipe=fp8_recipe)
         self.tp, self.sp = tp, self.config.sequence_parallel
         self.block = mc["TransformerBlock"](
             self.config, mc["TransformerBlockSubmodules"](layer_specs=[layer] * layers),

@@ -20,11 +20,6 @@ import torch.distributed as dist
 
 from megatron_starflow.config import Config, ConfigError
 
-# Sequence parallelism is a property of the TP groups' use, not of parallel_state (megatron keeps
-# it in each TransformerConfig); we record it here so every TransformerStack built afterwards reads
-# the same setting without threading a flag through the model constructors.
-_SEQUENCE_PARALLEL = False
-
 # Latent-grid factors of the Wan2.2 VAE (16x spatial, 4x temporal): used only to validate sequence
 # lengths before the codec (and its weights) are loaded.
 _WAN_SPATIAL, _WAN_TEMPORAL = 16, 4
@@ -125,11 +120,11 @@ def validate_parallel(cfg: Config, world_size: int) -> int:
 # ------------------------------------------------------------------------------ initialisation
 
 def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str | None = None,
-               sp: bool = False, seed: int = 1234) -> None:
+               seed: int = 1234) -> None:
     """Idempotent: set up the default process group and megatron's model-parallel groups, and
     (tp > 1) seed megatron's RNG tracker: its forks are entered by every TransformerBlock under SP;
-    they only drive dropout, which this model does not use."""
-    global _SEQUENCE_PARALLEL
+    they only drive dropout, which this model does not use. Sequence parallelism is no process
+    group: it is ``parallel.sp`` of the config, passed to the model (``StarFlowV(..., parallel=)``)."""
     from megatron.core import parallel_state
 
     from megatron_starflow.parallel import cpu_backend
@@ -147,14 +142,6 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str
                                     rank=0, world_size=1)
         else:
             dist.init_process_group(backend, rank=rank, world_size=world)
-    world = dist.get_world_size()
-    if world % (tp * pp * cp):
-        raise ValueError(f"world size {world} is not divisible by parallel.tp * parallel.pp * "
-                         f"parallel.cp = {tp}*{pp}*{cp}; change the parallel sizes or the number "
-                         f"of processes")
-    if sp and tp == 1:
-        raise ValueError("parallel.sp=true needs parallel.tp > 1")
-    _SEQUENCE_PARALLEL = bool(sp)
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size() == tp
                 and parallel_state.get_pipeline_model_parallel_world_size() == pp
@@ -180,25 +167,10 @@ def initialize_from_config(cfg: Config, backend: str | None = None) -> int:
     world = dist.get_world_size() if dist.is_initialized() else _rank_and_world()[1]
     dp = validate_parallel(cfg, world)
     p = cfg.parallel
-    initialize(p.tp, p.pp, p.vpp, p.cp, backend, sp=p.sp)
+    initialize(p.tp, p.pp, p.vpp, p.cp, backend)
     return dp
 
 
 def ensure_single_process() -> None:
     """What a plain one-process CPU run (tests, tools) calls before building a model."""
     initialize(1, 1, 1, 1)
-
-
-# ------------------------------------------------------------------------------ queries
-
-def tensor_parallel_size() -> int:
-    """TP size the next TransformerStack is built with (1 when megatron is not initialised)."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return 1
-    return parallel_state.get_tensor_model_parallel_world_size()
-
-
-def sequence_parallel_enabled() -> bool:
-    return _SEQUENCE_PARALLEL and tensor_parallel_size() > 1

@@ -83,7 +83,7 @@ class Layout:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.sp = pstate.sequence_parallel_enabled()
+        self.sp = bool(cfg.parallel.sp and self.tp_size > 1)
 
     def describe(self) -> dict:
         return {"world": self.world, "tp": self.tp_size, "dp": self.dp_size, "sp": self.sp}

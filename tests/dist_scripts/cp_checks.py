@@ -96,12 +96,13 @@ def _sample_check(path: str, opts: SolverOptions, given: int = 0, seed: int = 3)
 
 # ------------------------------------------------------------------------------ training
 
-def _train_model(window: int):
-    from megatron_starflow.config import ModelConfig
+def _train_model(window: int, sp: bool = False):
+    from megatron_starflow.config import ModelConfig, ParallelConfig
     from megatron_starflow.models.starflow import StarFlowV
 
     torch.manual_seed(0)
-    model = StarFlowV(ModelConfig(**TRAIN_MODEL, attn_window=window)).double()
+    model = StarFlowV(ModelConfig(**TRAIN_MODEL, attn_window=window),
+                      parallel=ParallelConfig(sp=sp)).double()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in list(model.blocks):
@@ -137,8 +138,8 @@ def train_check(window: int = 0, frames: int = 4, tp: int = 1, sp: bool = False)
     full = {k: v.clone() if torch.is_tensor(v) else v for k, v in ref_model.state_dict().items()}
 
     cp = dist.get_world_size() // tp
-    state.initialize(tp, 1, cp=cp, sp=sp)
-    model = _train_model(window)
+    state.initialize(tp, 1, cp=cp)
+    model = _train_model(window, sp=sp)
     if tp > 1:
         load_full_state_dict(model, full)
     group = context_parallel_group()

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron_starflow.config import ModelConfig  # noqa: E402
+from megatron_starflow.config import ModelConfig, ParallelConfig  # noqa: E402
 from megatron_starflow.models.starflow import StarFlowV  # noqa: E402
 from megatron_starflow.parallel import state  # noqa: E402
 from megatron_starflow.parallel.grads import (  # noqa: E402
@@ -48,9 +48,9 @@ WD = 0.0
 SEED = 7
 
 
-def build_model(full_state: dict | None = None) -> StarFlowV:
+def build_model(full_state: dict | None = None, sp: bool = False) -> StarFlowV:
     torch.manual_seed(SEED)
-    model = StarFlowV(ModelConfig(**MODEL))
+    model = StarFlowV(ModelConfig(**MODEL), parallel=ParallelConfig(sp=sp))
     if full_state is None:
         # Flow and denoiser heads start at zero (identity): randomise them so grads are non-trivial.
         gen = torch.Generator().manual_seed(SEED + 1)
@@ -113,8 +113,8 @@ def reference() -> dict:
 
 def check_tp(ref: dict, sp: bool) -> dict:
     """TP=2 (optionally with SP) on the whole world: every rank sees the full batch."""
-    state.initialize(dist.get_world_size(), 1, sp=sp)
-    model = build_model(ref["init"])
+    state.initialize(dist.get_world_size(), 1)
+    model = build_model(ref["init"], sp=sp)
     noisy, text = make_batch()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=WD)
     res = {}
@@ -226,11 +226,11 @@ def check_pp(ref: dict, tp: int = 1, sp: bool = False) -> dict:
                                                       pipeline_flow_and_fsm_backward, split_blocks)
 
     pp = dist.get_world_size() // tp
-    state.initialize(tp, pp, sp=sp)
+    state.initialize(tp, pp)
     stage_index = parallel_state.get_pipeline_model_parallel_rank()
     cfg = ModelConfig(**MODEL)
     blocks = split_blocks(cfg, pp)
-    stage = FlowPipelineStage(build_model(ref["init"]), blocks[stage_index], stage_index, pp)
+    stage = FlowPipelineStage(build_model(ref["init"], sp=sp), blocks[stage_index], stage_index, pp)
     noisy, text = make_batch()
     half = BATCH // 2
     micro = [{"noisy": noisy[i:i + half], "text": text[i:i + half]} for i in (0, half)]
