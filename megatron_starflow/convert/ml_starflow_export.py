@@ -99,12 +99,14 @@ class NotExpressible(ValueError):
 # ------------------------------------------------------------------------------ config -> YAML
 
 def their_text_model(cfg: Config, text_model: str | None) -> str | None:
-    """The Hugging Face id for their ``text`` key: given, or google/<basename of text.path> when
-    that names a known T5."""
+    """The Hugging Face id for their ``text`` key: given, or the id of the known T5 that
+    text.path's folder is named after (google/flan-t5-xl, google/t5-v1_1-xl, google-t5/t5-base)."""
     if text_model:
         return text_model
     base = os.path.basename(os.path.normpath(cfg.text.path)).lower() if cfg.text.path else ""
-    return f"google/{base}" if base in T5_WIDTHS else None
+    if base not in T5_WIDTHS:
+        return None
+    return f"google-t5/{base}" if base.startswith("t5-") and not base.startswith("t5-v1_1") else f"google/{base}"
 
 
 def _match_template(template: str) -> tuple[int, int, str | None] | None:
