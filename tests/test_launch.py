@@ -87,9 +87,9 @@ def test_rendezvous_from_submitit_slurm_environment(monkeypatch):
     values = distributed_env_from_submitit()
     assert values == {"RANK": "29", "WORLD_SIZE": "96", "LOCAL_RANK": "5", "MASTER_ADDR": "gpu-017",
                       "MASTER_PORT": str(master_port("4242"))}
-    from megatron_starflow.parallel.state import _rank_and_world
+    from megatron_starflow.parallel.state import rank_and_world
 
-    assert _rank_and_world() == (29, 96, 5)
+    assert rank_and_world() == (29, 96, 5)
 
 
 def test_debug_executor_trains_in_process(tmp_path, monkeypatch):

@@ -104,7 +104,7 @@ def sample_attributes(rng: np.random.Generator) -> ClipAttributes:
     return ClipAttributes(shape, color, direction, background, start_x, start_y, speed, size)
 
 
-def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     """Boolean mask of `shape` with half-extent r, given offsets from its centre."""
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
@@ -145,7 +145,7 @@ def render_clip(attrs: ClipAttributes, frames: int, height: int, width: int) -> 
     video[:] = np.asarray(BACKGROUNDS[attrs.background], dtype=np.uint8)
     color = np.asarray(COLORS[attrs.color], dtype=np.uint8)
     for t, (cx, cy) in enumerate(object_centers(attrs, frames, height, width)):
-        mask = _shape_mask(attrs.shape, xs - cx, ys - cy, r)
+        mask = shape_mask(attrs.shape, xs - cx, ys - cy, r)
         video[t][mask] = color
     return video
 

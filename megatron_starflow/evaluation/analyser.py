@@ -9,7 +9,7 @@ It inverts the renderer of ``data/synthetic.py`` without learning anything:
    estimated background and at least ``MIN_OBJECT_DISTANCE`` away from the background; per frame,
    the largest 8-connected component is kept (generated clips have speckles);
 3. object colour: per-channel median of the kept pixels of all frames, nearest palette colour;
-4. shape: the renderer's own masks (``synthetic._shape_mask``) are compared with the kept
+4. shape: the renderer's own masks (``synthetic.shape_mask``) are compared with the kept
    components under a likelihood exp(-BETA (1 - IoU)), with one radius per clip (uniform over the
    renderer's size range) and a sub-pixel centre per frame averaged out; the posterior over the
    four shapes (uniform prior) names the shape. Averaging instead of taking the best fit is what
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_starflow.data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, SIZE_RANGE, _shape_mask
+from megatron_starflow.data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, SIZE_RANGE, shape_mask
 
 ATTRIBUTES = ("shape", "color", "direction", "background")
 CHOICES = {"shape": SHAPES, "color": tuple(COLORS), "direction": DIRECTIONS,
@@ -171,7 +171,7 @@ def _shape_log_evidence(kept: np.ndarray, frames: np.ndarray, side: int) -> dict
         dy = py[None, None, None, :, None] - cy[:, None, None, None, None]
         r = radii[None, None, :, None, None]
         for shape in SHAPES:
-            tmpl = _shape_mask(shape, dx, dy, r)
+            tmpl = shape_mask(shape, dx, dy, r)
             inter = (tmpl & window).sum(axis=(-1, -2))
             union = (tmpl | window).sum(axis=(-1, -2))
             loglik = -_BETA * (1.0 - inter / np.maximum(union, 1))  # [Ncy, Ncx, Nr]

@@ -48,7 +48,7 @@ class FlowBlock(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     # -- pieces -----------------------------------------------------------------------------
-    def _video_inputs(self, prev_tokens: torch.Tensor, start: int) -> torch.Tensor:
+    def video_inputs(self, prev_tokens: torch.Tensor, start: int) -> torch.Tensor:
         """Embeddings of slots predicting tokens start..start+S-1 from their inputs
         ``prev_tokens`` = x_{start-1} .. x_{start+S-2} (row 0 is ignored when start == 0: sos)."""
         if start == 0:
@@ -74,7 +74,7 @@ class FlowBlock(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[B, N, C]`` (already in this block's order) -> z ``[B, N, C]``, log-det ``[B]``."""
         shifted = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # slot j reads token j-1
-        h = self._video_inputs(shifted, 0)
+        h = self.video_inputs(shifted, 0)
         if layout.text_len:
             h = torch.cat([self.proj_txt(text.to(h.dtype)), h], dim=1)
         mask = layout.causal_mask().to(x.device)
@@ -98,7 +98,7 @@ class FlowBlock(nn.Module):
         slot = layout.text_len + start
         if len(cache) != slot:
             raise RuntimeError(f"KV cache holds {len(cache)} slots, expected {slot}")
-        h = self._video_inputs(prev_tokens, start)
+        h = self.video_inputs(prev_tokens, start)
         mask = layout.causal_mask(slot, length).to(h.device)
         h = self.transformer(h, mask, self._angles(layout, slot, length, h), cache, commit)
         return self.head(h)

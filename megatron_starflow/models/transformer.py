@@ -330,13 +330,15 @@ class TransformerStack(nn.Module):
             post_layer_norm=False)
         self.head_dim = head_dim
 
-    def _core_attentions(self):
+    def core_attentions(self):
+        """The SDPA core-attention module of every layer (they hold the KV-cache state; context
+        parallelism swaps their attention)."""
         return [layer.self_attention.core_attention for layer in self.block.layers]
 
     @contextlib.contextmanager
     def _cached(self, cache: KVCache | None, commit: bool, first_layer_mask=None):
         state = None if cache is None else _CacheState(cache, commit)
-        modules = self._core_attentions()
+        modules = self.core_attentions()
         for m in modules:
             m.cache_state = state
         modules[0].mask_override = first_layer_mask

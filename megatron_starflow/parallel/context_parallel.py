@@ -327,7 +327,7 @@ class ContextParallelAttention:
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
     def __enter__(self):
-        for i, m in enumerate(self.stack._core_attentions()):
+        for i, m in enumerate(self.stack.core_attentions()):
             m.forward = lambda *a, _m=m, _i=i, **kw: self._forward(*a, module=_m, layer=_i, **kw)
             self._saved.append(m)
         return self
@@ -366,7 +366,7 @@ def cp_deep_forward(block, x_local: torch.Tensor, prev_token: torch.Tensor | Non
     shifted = x_local[:, :-1] if prev_token is None else torch.cat([prev_token, x_local[:, :-1]], 1)
     if prev_token is None:
         shifted = torch.cat([x_local[:, :1], shifted], dim=1)  # row 0 becomes sos
-    h = block._video_inputs(shifted, start)
+    h = block.video_inputs(shifted, start)
     slots_all = _rank_slots(layout, ranges)
     slots = slots_all[rank]
     n_text = 0
@@ -451,7 +451,7 @@ def cp_denoise_score(denoiser, tokens_local: torch.Tensor, layout: SlotLayout,
         h = torch.cat([denoiser.proj_txt(text.to(dtype)), h], dim=1)
         n_text = layout.text_len
     angles = layout.angles(*denoiser.rope)[slots].to(h.device)
-    layers = len(denoiser.transformer._core_attentions())
+    layers = len(denoiser.transformer.core_attentions())
     later = 1 if denoiser.lookahead == "every_layer" else 0
     first_fn, later_fn = layout_mask_fn(layout, "lookahead", 1), layout_mask_fn(layout, "lookahead", later)
     fns = [first_fn] + [later_fn] * (layers - 1)

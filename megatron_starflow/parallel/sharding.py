@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 
-def _partition_dim(param: torch.Tensor) -> int | None:
+def partition_dim(param: torch.Tensor) -> int | None:
+    """The dimension megatron splits a TP-sharded parameter along; None for a replicated one."""
     if getattr(param, "tensor_model_parallel", False):
         return int(getattr(param, "partition_dim", 0))
     return None
@@ -36,7 +37,7 @@ def shard_full_state_dict(full: dict[str, torch.Tensor], model: nn.Module, tp_ra
         if not torch.is_tensor(value):  # e.g. megatron's `_extra_state` (None without TE)
             out[key] = value
             continue
-        dim = _partition_dim(params[key]) if key in params else None
+        dim = partition_dim(params[key]) if key in params else None
         if dim is not None and tp_size > 1:
             if value.shape[dim] % tp_size:
                 raise ValueError(f"{key}: dim {dim} of size {value.shape[dim]} is not divisible by "
@@ -62,7 +63,7 @@ def gather_tp_tensor(tensor: torch.Tensor, param: torch.Tensor, group=None) -> t
     tensors are returned unchanged. Collective over the TP group: every TP rank must call it."""
     from megatron.core import parallel_state
 
-    dim = _partition_dim(param)
+    dim = partition_dim(param)
     group = group or parallel_state.get_tensor_model_parallel_group()
     size = dist.get_world_size(group)
     if dim is None or size == 1:

@@ -31,7 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_and_world() -> tuple[int, int, int]:
+def rank_and_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) that torchrun or SLURM/submitit set; (0, 1, 0) for a plain
+    process."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
@@ -131,7 +133,7 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str
 
     cpu_backend.install()
     if not dist.is_initialized():
-        rank, world, local_rank = _rank_and_world()
+        rank, world, local_rank = rank_and_world()
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
@@ -164,7 +166,7 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str
 
 def initialize_from_config(cfg: Config, backend: str | None = None) -> int:
     """Validate ``cfg.parallel`` against the launcher's world size, initialise, return dp."""
-    world = dist.get_world_size() if dist.is_initialized() else _rank_and_world()[1]
+    world = dist.get_world_size() if dist.is_initialized() else rank_and_world()[1]
     dp = validate_parallel(cfg, world)
     p = cfg.parallel
     initialize(p.tp, p.pp, p.vpp, p.cp, backend)

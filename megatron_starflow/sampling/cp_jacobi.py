@@ -94,12 +94,12 @@ class CPBlockInverter(BlockInverter):
         cfg = self.block.transformer.config
         tp = self.block.transformer.tp
         groups = (cfg.num_query_groups or cfg.num_attention_heads) // tp
-        layers = len(self.block.transformer._core_attentions())
+        layers = len(self.block.transformer.core_attentions())
         bkv = 2 * batch if self.guided else batch
         return (2 * layers, bkv, groups, cfg.kv_channels)
 
     def _layer_ids(self):
-        return [m.layer_number for m in self.block.transformer._core_attentions()]
+        return [m.layer_number for m in self.block.transformer.core_attentions()]
 
     def _apply(self, msgs: list[Message], x: torch.Tensor) -> bool:
         """Fold upstream messages into the final cache and x; -> whether anything changed."""

@@ -68,7 +68,7 @@ class Layout:
 
         from megatron_starflow.parallel import state as pstate
 
-        world = dist.get_world_size() if dist.is_initialized() else pstate._rank_and_world()[1]
+        world = dist.get_world_size() if dist.is_initialized() else pstate.rank_and_world()[1]
         if world == 1:
             pstate.ensure_single_process()  # as the one-process loop always did
         else:
@@ -189,11 +189,11 @@ def full_optimizer_state(optimizer, layout: Layout) -> dict:
 
 def load_full_optimizer_state(optimizer, full: dict, layout: Layout) -> None:
     if layout.tp_size > 1:
-        from megatron_starflow.parallel.sharding import _partition_dim
+        from megatron_starflow.parallel.sharding import partition_dim
 
         params = _optimizer_params(optimizer)
         for index, per in full["state"].items():
-            dim = _partition_dim(params[index])
+            dim = partition_dim(params[index])
             for key, value in list(per.items()):
                 if dim is not None and torch.is_tensor(value) and value.dim() > 0:
                     per[key] = value.chunk(layout.tp_size, dim=dim)[layout.tp_rank].clone()
