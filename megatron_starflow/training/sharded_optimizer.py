@@ -32,9 +32,10 @@ runs on CPU (gloo) and on CUDA (NCCL) with one code path:
 * **Step.** ``step(lrs, clip)`` scales each group's own-row grads by ``max/(norm+1e-6)`` when that is
   < 1 (``clip_grad_norm_``'s rule), applies AdamW to the master rows with exactly the operations of
   ``torch.optim.AdamW(foreach=False)`` (decoupled weight decay, bias correction, per-group step
-  counter), then all-gathers the updated rows over ``shard_group`` (padded to equal sizes, one flat
+  counter), then all-gathers the updated rows over ``shard_group`` (equal-size segments, one flat
   ``all_gather_into_tensor`` per parameter dtype) and copies them into the parameters (cast to their
-  dtype). Skipping a step is not calling ``step``.
+  dtype; at most two strided copies per parameter whatever dp). Skipping a step is not calling
+  ``step``.
 * **Checkpoints.** ``sharded_state_dict()`` describes master rows and moments as DTensors over a
   (tp, shard) DeviceMesh with placements ``(Shard(partition_dim) | Replicate(), Shard(0))`` (tp outer,
   shard inner: a TP-sharded tensor is first split over TP ranks, then each TP piece by rows over the
@@ -49,7 +50,7 @@ being the parameter's name in the full one-process model (pipeline stages use gl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -260,10 +261,16 @@ class _Entry:
     lo: int
     hi: int
     tp_dim: int | None
+    _dp: int  # shard group size
     grad_offset: int  # into the flat main-grad buffer
     own_offset: int  # into this rank's flat moment buffers
     master_offset: int | None  # into the flat master buffer; None: the master rows are the param's
-    gather_offsets: list[int] = field(default_factory=list)  # per shard rank, in the dtype bucket
+    gather_offset: int = 0  # in every shard rank's segment of the dtype bucket (same for all ranks)
+
+    @property
+    def chunk(self) -> int:
+        """Rows of a full chunk (shard rank 0's rows)."""
+        return chunk_rows(self.rows, self._dp, 0)[1]
 
     @property
     def own_numel(self) -> int:
@@ -313,8 +320,8 @@ class ShardedAdamW:
                 row_numel = math.prod(shape[1:])
                 lo, hi = chunk_rows(rows, self.dp, self.dp_rank)
                 alias = p.dtype == main_dtype
-                e = _Entry(g["name"], fqn, p, shape, rows, row_numel, lo, hi, partition_dim(p), grad_n,
-                           own_n, None if alias else master_n)
+                e = _Entry(g["name"], fqn, p, shape, rows, row_numel, lo, hi, partition_dim(p), self.dp,
+                           grad_n, own_n, None if alias else master_n)
                 grad_n += p.numel()
                 own_n += e.own_numel
                 if not alias:
@@ -326,17 +333,17 @@ class ShardedAdamW:
         self._exp_avg_sq = torch.zeros(own_n, dtype=main_dtype, device=dev)
         self._master = torch.zeros(master_n, dtype=main_dtype, device=dev)
 
-        # Gather layout per parameter dtype: rank r's segment holds its own rows of every param.
+        # Gather layout per parameter dtype: every rank's segment holds its rows of every param at
+        # the same offset, room for a full chunk (ceil(rows/dp) rows) each, so the gathered buffer
+        # viewed as [dp, segment] holds a parameter's chunks as one strided block (<= 2 copies per
+        # parameter to publish, whatever dp). Shard rank 0 always holds full chunks: no padding
+        # beyond the longest rank's rows.
         self._buckets: dict[torch.dtype, dict] = {}
         for e in self.entries:
-            b = self._buckets.setdefault(e.param.dtype, {"entries": [], "sizes": [0] * self.dp})
+            b = self._buckets.setdefault(e.param.dtype, {"entries": [], "segment": 0})
             b["entries"].append(e)
-            for r in range(self.dp):
-                lo, hi = chunk_rows(e.rows, self.dp, r)
-                e.gather_offsets.append(b["sizes"][r])
-                b["sizes"][r] += (hi - lo) * e.row_numel
-        for b in self._buckets.values():
-            b["segment"] = max(b["sizes"]) if b["sizes"] else 0
+            e.gather_offset = b["segment"]
+            b["segment"] += e.chunk * e.row_numel
 
         self._hooks = []
         self._by_fqn = {e.fqn: e for e in self.entries}
@@ -496,7 +503,7 @@ class ShardedAdamW:
     @torch.no_grad()
     def _publish(self) -> None:
         """Copy the master rows into the model: all-gather every rank's rows (one flat collective
-        per parameter dtype, segments padded to equal size)."""
+        per parameter dtype, equal-size segments)."""
         for dtype, b in self._buckets.items():
             entries, seg = b["entries"], b["segment"]
             if self.dp == 1:
@@ -509,19 +516,24 @@ class ShardedAdamW:
             send = torch.zeros(seg, dtype=dtype, device=self.device)
             for e in entries:
                 if e.hi > e.lo:
-                    off = e.gather_offsets[self.dp_rank]
-                    send[off:off + e.own_numel].view(e.hi - e.lo, *e.shape[1:]).copy_(self._master_rows(e))
+                    send[e.gather_offset:e.gather_offset + e.own_numel].view(e.hi - e.lo, *e.shape[1:]).copy_(
+                        self._master_rows(e))
             out = torch.empty(seg * self.dp, dtype=dtype, device=self.device)
             dist.all_gather_into_tensor(out, send, group=self.shard_group)
             del send
+            grid = out.view(self.dp, seg)
             for e in entries:
-                for r in range(self.dp):
-                    lo, hi = chunk_rows(e.rows, self.dp, r)
-                    if hi == lo or (r == self.dp_rank and e.master_offset is None):
-                        continue
-                    off = r * seg + e.gather_offsets[r]
-                    e.rows_of(e.param.data, lo, hi).copy_(
-                        out[off:off + (hi - lo) * e.row_numel].view(hi - lo, *e.shape[1:]))
+                c = e.chunk
+                if c == 0:
+                    continue
+                flat = e.param.data.view(e.rows, e.row_numel)
+                n_full = e.rows // c  # ranks holding a full chunk
+                width = c * e.row_numel
+                block = grid[:n_full, e.gather_offset:e.gather_offset + width]
+                flat[:n_full * c].view(n_full, width).copy_(block)
+                rest = e.rows - n_full * c  # the one shorter chunk, if any
+                if rest:
+                    flat[n_full * c:].view(-1).copy_(grid[n_full, e.gather_offset:e.gather_offset + rest * e.row_numel])
 
     # ------------------------------------------------------------------ memory
     def local_bytes(self) -> dict[str, int]:
