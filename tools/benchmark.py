@@ -27,9 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
+REPO = Path(__file__).resolve().parent.parent
+
 
 # Method name -> (solver, video_aware), in the order they run; the first one is the reference.
 SAMPLING_METHODS = {
@@ -234,10 +233,8 @@ def run_data_benchmark(clips: int = 48, frames: int = 8, size: int = 32, file_fr
     from megatron_starflow.data.video import ClipSpec, VideoClipIterator, dali_available
 
     torch.set_num_threads(threads)
-    tools = Path(__file__).resolve().parent
-    sys.path.insert(0, str(tools))
-    import make_synthetic_data
-    import prepare_data
+    make_synthetic_data = _sibling_tool("make_synthetic_data")
+    prepare_data = _sibling_tool("prepare_data")
 
     root = workdir or tempfile.mkdtemp(prefix="bench_data_")
     videos, vshards, lshards = (os.path.join(root, n) for n in ("videos", "video_shards", "latent_shards"))
@@ -250,7 +247,7 @@ def run_data_benchmark(clips: int = 48, frames: int = 8, size: int = 32, file_fr
                                   "--format", "webm", "--vp9-lossy"])
         prepare_data.main(["--input", videos, "--out", vshards, "--shard-size", "16"])
         prepare_data.main(["--input", videos, "--out", lshards, "--latents", "--shard-size", "16",
-                           "--config", str(_REPO_ROOT / "examples/configs/tiny_cpu.yaml"),
+                           "--config", str(REPO / "examples/configs/tiny_cpu.yaml"),
                            f"data.frames={frames}", f"data.height={size}", f"data.width={size}"])
     spec = ClipSpec(frames, size, size, start="random")
     paths = {"dali_cpu": (vshards, "dali"), "pyav": (vshards, "pyav"), "latent_shards": (lshards, "auto")}
@@ -317,6 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--workdir", default="", help="where files and shards go (default: a temp dir)")
     da.set_defaults(func=cmd_data)
     return parser
+
+
+def _sibling_tool(name: str):
+    """Another script of tools/ as a module (loaded from its file: tools/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"starflow_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv: list[str] | None = None) -> int:

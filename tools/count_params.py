@@ -7,11 +7,8 @@
 
 import argparse
 import json
-import os
-import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
 

@@ -16,11 +16,8 @@ counted once per stage) = total parameters of the one-process model.
 
 import argparse
 import json
-import os
-import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
 

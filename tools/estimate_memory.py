@@ -14,11 +14,8 @@ buffers, allocator fragmentation, transient gradient buffers of the backward).
 
 import argparse
 import json
-import os
-import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
 

@@ -13,11 +13,9 @@ data.codec_path) and may be given later by editing it.
 
 import argparse
 import json
-import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
 

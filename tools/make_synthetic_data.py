@@ -17,18 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-# Allow running as a plain script from the repo root without installing the package.
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from megatron_starflow.data.synthetic import make_clip  # noqa: E402
+from megatron_starflow.data.synthetic import make_clip
 
 
 def write_npy(path: Path, video: np.ndarray) -> None:

@@ -37,7 +37,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # name -> (shallow_width, deep_width, deep_layers); head_dim 16 everywhere
 SIZES = {

@@ -10,14 +10,9 @@ small caption sets yield fewer pieces (sentencepiece hard_vocab_limit=False).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from megatron_starflow.data.tokenizer import read_captions_file, train_sentencepiece  # noqa: E402
+from megatron_starflow.data.tokenizer import read_captions_file, train_sentencepiece
 
 
 def main(argv: list[str] | None = None) -> None:
