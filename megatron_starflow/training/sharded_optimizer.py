@@ -167,7 +167,8 @@ class MeshInfo:
             info.mesh = DeviceMesh.from_group(shard_group, device_type, mesh_dim_names=("shard",))
             info.dims = ("shard",)
         else:
-            info.mesh = DeviceMesh.from_group(_self_group(tp_group, shard_group), device_type, mesh_dim_names=("shard",))
+            info.mesh = DeviceMesh.from_group(_self_group(tp_group, shard_group), device_type,
+                                              mesh_dim_names=("shard",))
             info.dims = ("shard",)
         return info
 

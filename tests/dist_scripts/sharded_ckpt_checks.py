@@ -235,7 +235,8 @@ def main(out: str, base: str) -> None:
                 diff.append("extras")
             opt2.close()
             found, notes = sc.find_resumable(folder[name], group=lay.group)
-            return {"path": path, "roundtrip_mismatch": all_ok(diff), "train_vs_reference_mismatch": all_ok(mismatch_vs_ref),
+            return {"path": path, "roundtrip_mismatch": all_ok(diff),
+                    "train_vs_reference_mismatch": all_ok(mismatch_vs_ref),
                     "meta": sc.read_meta(path)["parallel"], "norm_groups": sorted(norms),
                     "find_resumable_ok": found == path and not notes}
         check(f"save_{name}", save_and_roundtrip)

@@ -106,7 +106,8 @@ def memory_starflow(group, dp: int) -> dict:
     total = b["total"] / (n * sum(per.values()))
     optim = (b["master"] + b["moments"]) / (n * (per["params"] - 2 + per["optimizer"]))
     opt.close()
-    return {"numel": n, "total_ratio_max_over_ranks": maxed(total), "optimizer_state_ratio_max_over_ranks": maxed(optim)}
+    return {"numel": n, "total_ratio_max_over_ranks": maxed(total),
+            "optimizer_state_ratio_max_over_ranks": maxed(optim)}
 
 
 def main(out: str) -> None:
@@ -121,7 +122,8 @@ def main(out: str) -> None:
         checks[f"adamw_dp{dp}"] = lambda dp=dp: adamw_dp(groups[dp], dp)
     for dp in (1, 2, 4):
         for bf16 in (True, False):
-            checks[f"memory_dp{dp}_{'bf16' if bf16 else 'fp32'}"] = lambda dp=dp, bf16=bf16: memory_dp(groups[dp], dp, bf16)
+            name = f"memory_dp{dp}_{'bf16' if bf16 else 'fp32'}"
+            checks[name] = lambda dp=dp, bf16=bf16: memory_dp(groups[dp], dp, bf16)
     for dp in (2, 4):
         checks[f"memory_starflow_dp{dp}_bf16"] = lambda dp=dp: memory_starflow(groups[dp], dp)
     results = {}
