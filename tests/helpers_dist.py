@@ -22,7 +22,9 @@ def run_torchrun(script: str, args: list[str], world: int, timeout: int = 240) -
     """Run ``script args`` on ``world`` local ranks; fail with the tail of stderr if it fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
            f"--master_port={free_port()}", script, *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # The scripts import the installed package and the helpers of tests/ (as pytest.ini does).
+    path = os.pathsep.join(p for p in (os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=path)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

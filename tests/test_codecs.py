@@ -1,15 +1,12 @@
 """Codec tests: exact s2d inversion and channel order, dequantisation bound, Wan VAE wrapper shapes/errors."""
 import math
 import os
-import sys
 
 import pytest
 import torch
+from helpers_codecs import TINY_Z_DIM, make_tiny_wan_vae
 
-sys.path.insert(0, os.path.dirname(__file__))
-from helpers_codecs import TINY_Z_DIM, make_tiny_wan_vae  # noqa: E402
-
-from megatron_starflow.models.codecs import (  # noqa: E402
+from megatron_starflow.models.codecs import (
     LatentCodec, SpaceToDepthCodec, WanVAECodec, build_codec, pixels_to_float)
 
 

@@ -490,8 +490,9 @@ def test_cli_export_from_inference_folder(tmp_path, megatron_ready):
     from megatron_starflow.convert.inference import read_tensors, save_inference_folder
     from megatron_starflow.convert.ml_starflow import import_ml_starflow
 
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from convert_checkpoint import main
+    from helpers_scripts import load_script
+
+    main = load_script("tools/convert_checkpoint.py").main
 
     t5 = build_tiny_t5(tmp_path / "t5", d_model=TXT_DIM)
     torch.manual_seed(0)

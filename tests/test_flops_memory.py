@@ -12,15 +12,12 @@ Tolerances:
 """
 
 import json
-import os
-import sys
 
 import pytest
 import torch
 
 from megatron_starflow.config import ConfigError, load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_DATA = ["data.frames=4", "data.height=8", "data.width=8", "data.batch_size=2"]
 
 
@@ -99,9 +96,9 @@ def test_activation_estimate_matches_saved_tensors(megatron_ready, recompute):
 
 
 def test_memory_static_and_7b_table(megatron_ready, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import estimate_memory
+    from helpers_scripts import load_script
 
+    estimate_memory = load_script("tools/estimate_memory.py")
     from megatron_starflow.parallel import memory
 
     per = memory.static_bytes_per_param(dp=8, distributed_optimizer=True)
@@ -161,9 +158,9 @@ def test_fp8_config():
 
 
 def test_throughput_benchmark_cpu(megatron_ready):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import train_throughput
+    from helpers_scripts import load_script
 
+    train_throughput = load_script("benchmarks/train_throughput.py")
     deep = train_throughput.run_gpu_deep(
         1, 1, None, True, 0.0, "width=64,layers=2,head_dim=32,frames=2,height=2,grid_width=4,text=8")
     assert deep["seq_len"] == 8 + 2 * 2 * 4 and deep["tokens_per_s"] > 0

@@ -5,12 +5,10 @@ the flow loss of a fixed batch (tests/test_convert.py::test_import_tp2_same_loss
 """
 
 import json
-import os
 import sys
 import warnings
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -13,13 +13,11 @@ Results (max |a-b| per quantity; max |a-b| / max |b| for gradients) go to argv[1
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 import warnings
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

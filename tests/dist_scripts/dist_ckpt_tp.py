@@ -8,14 +8,10 @@ reproduce) to FULL.pt, and to OUT.json the max |a-b| of a TP=2 -> TP=2 reload (f
 """
 
 import json
-import os
 import sys
 import warnings
 
 warnings.filterwarnings("ignore")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

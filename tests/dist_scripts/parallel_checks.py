@@ -13,13 +13,11 @@ params: max |a-b| / lr; max over tensors and ranks) are written by rank 0 as JSO
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 import warnings
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

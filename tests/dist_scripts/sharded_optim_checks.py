@@ -11,15 +11,11 @@ Writes {check: result or {"error": traceback}} (rank 0; values are maxima over r
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 import warnings
 
 warnings.filterwarnings("ignore")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
