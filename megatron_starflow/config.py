@@ -226,6 +226,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def rope_axis_dims(head_dim: int, time_fraction: float) -> tuple[int, int, int]:
+    """(row, col, time) RoPE dims of a head (models/rope.py); each must be a positive even
+    number."""
+    time = round(head_dim * time_fraction)
+    side = (head_dim - time) // 2
+    dims = (side, side, time)
+    if sum(dims) != head_dim or any(d <= 0 or d % 2 for d in dims):
+        raise ValueError(f"head_dim={head_dim} with time fraction {time_fraction} gives row/col/time "
+                         f"dims {dims}; each must be even and positive and they must add up to "
+                         f"head_dim (use a head_dim divisible by 8)")
+    return dims
+
+
 def _section_fields(section: str) -> dict[str, dataclasses.Field]:
     cls = type(getattr(Config(), section))
     return {f.name: f for f in dataclasses.fields(cls)}
@@ -381,10 +394,8 @@ def validate(cfg: Config) -> None:
     if m.resolved_denoiser_width % m.head_dim:
         raise ConfigError(f"model.denoiser_width={m.resolved_denoiser_width} is not divisible by "
                           f"model.head_dim={m.head_dim}")
-    from megatron_starflow.models.rope import axis_dims
-
     try:
-        axis_dims(m.head_dim, m.rope_time_fraction)
+        rope_axis_dims(m.head_dim, m.rope_time_fraction)
     except ValueError as exc:
         raise ConfigError(f"model.head_dim / model.rope_time_fraction: {exc}") from None
     if not math.isfinite(m.denoiser_output_scale) or m.denoiser_output_scale == 0:

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from megatron_starflow.config import rope_axis_dims
+
 
 def video_coords(frames: int, height: int, width: int, pt_seq_len: float,
                  with_time: bool = True, dtype=torch.float64) -> torch.Tensor:
@@ -39,16 +41,9 @@ def _axis_freqs(dims: int, base: float, dtype) -> torch.Tensor:
     return base ** (-torch.arange(0, dims, 2, dtype=dtype) / dims)
 
 
-def axis_dims(head_dim: int, time_fraction: float) -> tuple[int, int, int]:
-    """(row, col, time) dims of a head; each must be a positive even number."""
-    time = round(head_dim * time_fraction)
-    side = (head_dim - time) // 2
-    dims = (side, side, time)
-    if sum(dims) != head_dim or any(d <= 0 or d % 2 for d in dims):
-        raise ValueError(f"head_dim={head_dim} with time fraction {time_fraction} gives row/col/time "
-                         f"dims {dims}; each must be even and positive and they must add up to "
-                         f"head_dim (use a head_dim divisible by 8)")
-    return dims
+# The split of a head into (row, col, time) dims is checked when a config is validated, so it is
+# defined next to the config; the model uses the same function.
+axis_dims = rope_axis_dims
 
 
 def rope_angles(coords: torch.Tensor, head_dim: int, base: float = 10000.0,
