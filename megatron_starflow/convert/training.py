@@ -1,18 +1,11 @@
 """Training checkpoint <-> inference folder.
 
-Training checkpoints today are single-process folders (training/checkpoint.py: ``state.pt`` with
-the full, unsharded weights of ``StarFlowSystem.trainable_state_dict``). Full tensors are already
-TP/PP-independent, so:
-
-* export reads them as they are; a sharded (megatron dist_checkpointing) format, once training
-  writes one, plugs in at ``read_training_weights``: gather TP shards along each parameter's
-  ``partition_dim`` (``parallel.sharding.gather_tp_tensor`` / the inverse of
-  ``shard_full_state_dict``) and take each PP stage's ``blocks.{i}`` (stage models keep the full
-  model's names, ``parallel.pipeline.prune_to_stage``);
-* import writes the same single-process format with ``parallel.tp`` / ``parallel.pp`` set in its
-  config: a TP run loads it on every rank with ``parallel.sharding.load_full_state_dict`` (each rank
-  takes its chunk), a PP stage loads the keys of its own blocks. Writing per-rank shard files needs
-  the dist-checkpoint format of the launching issue.
+A training checkpoint (``training/checkpoint.py``) holds in ``state.pt`` the full, unsharded
+weights of ``StarFlowSystem.trainable_state_dict``, which do not depend on TP/PP; export reads them
+through ``read_training_weights``, the one reader of that format here. Import writes the same
+format with ``parallel.tp`` / ``parallel.pp`` set in its config: a TP run loads it on every rank
+with ``parallel.sharding.load_full_state_dict`` (each rank takes its chunk), a PP stage the keys of
+its own blocks.
 """
 
 from __future__ import annotations
@@ -20,8 +13,6 @@ from __future__ import annotations
 import os
 
 import torch
-
-from megatron_starflow.config import Config
 
 
 class NoEMAError(ValueError):
@@ -113,13 +104,6 @@ def import_inference(folder: str, run_dir: str, tp: int = 1, pp: int = 1, step: 
              "imported_from": os.path.abspath(folder)}
     return ckpt.save_checkpoint(run_dir, step, cfg, state, keep=tr.keep_checkpoints,
                                 tokenizer_file=tokenizer)
-
-
-def describe_config(cfg: Config) -> str:
-    m = cfg.model
-    return (f"{m.num_blocks} blocks (shallow {m.shallow_width}x{m.shallow_layers}, deep "
-            f"{m.deep_width}x{m.deep_layers}, head_dim {m.head_dim}), tokens of {m.token_channels} "
-            f"channels, text {m.text_length}x{m.text_width} ({cfg.text.encoder})")
 
 
 @torch.no_grad()

@@ -1,11 +1,9 @@
 """Resumable, data-parallel batches of the in-memory synthetic clips (``data.source=synthetic``).
 
 The position is the same single integer as for tar shards (``data/sampler.py``): the number of
-globally consumed samples. The epoch permutation is the one the one-process loop always used,
-``torch.randperm(N, generator=manual_seed(seed * 100003 + epoch))``, so an uninterrupted
-one-process run sees exactly the batches it saw before this iterator existed (when ``N`` is a
-multiple of the batch size; otherwise the old loop dropped each epoch's ragged tail, and here a
-batch runs across the epoch boundary, as the shard sampler does).
+globally consumed samples. Each epoch's order is ``torch.randperm(N, generator=manual_seed(seed *
+100003 + epoch))``; when ``N`` is not a multiple of the batch size, a batch runs across the epoch
+boundary, as in the shard sampler.
 
 With ``dp`` ranks, rank ``r`` takes positions ``consumed + r, consumed + r + dp, ...`` of each
 global window of ``batch_size * dp`` samples, so resuming with another DP size continues the same
@@ -22,7 +20,7 @@ from megatron_starflow.data.sampler import GlobalOrderSampler
 
 
 class TorchPermutationSampler(GlobalOrderSampler):
-    """:class:`GlobalOrderSampler` whose epoch order is the legacy loop's torch permutation."""
+    """:class:`GlobalOrderSampler` whose epoch order is a seeded torch permutation."""
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if self._cache is not None and self._cache[0] == epoch:

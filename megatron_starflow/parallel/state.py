@@ -52,11 +52,6 @@ def latent_grid(cfg: Config) -> tuple[int, int, int]:
     return 1 + (d.frames - 1) // _WAN_TEMPORAL, d.height // (_WAN_SPATIAL * p), d.width // (_WAN_SPATIAL * p)
 
 
-def derive_dp(cfg: Config, world_size: int) -> int:
-    p = cfg.parallel
-    return world_size // (p.tp * p.pp * p.cp)
-
-
 def validate_parallel(cfg: Config, world_size: int) -> int:
     """Raise ``ConfigError`` (a ValueError) naming the key when a parallel size does not divide what
     it shards; return the derived data-parallel size."""
@@ -157,8 +152,8 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str
         context_parallel_size=cp,
     )
     if tp > 1:
-        # Only model-parallel layers enter the tracker's forks; a one-process (tp=1) run keeps
-        # its RNG streams exactly as before.
+        # Only model-parallel layers enter the tracker's forks; with tp = 1 it is left unseeded,
+        # so one-process runs draw from torch's default generator alone.
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)

@@ -142,10 +142,3 @@ class BlockInverter:
             x[:, start:start + size] = self._step(torch.cat([first, guess[:, :-1]], 1), start, zc, commit=True)
             self.stats.iterations.append(iters + 1)
             start += size
-
-
-def invert_block(block: FlowBlock, z: torch.Tensor, layout: SlotLayout, opts: SolverOptions,
-                 text=None, uncond_text=None, prefix=None) -> tuple[torch.Tensor, SolverStats]:
-    inverter = BlockInverter(block, layout, opts, text, uncond_text)
-    x = inverter.run(z, prefix)
-    return x, inverter.stats
