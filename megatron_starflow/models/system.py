@@ -94,14 +94,27 @@ class StarFlowSystem(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.blocks[0].proj_in.weight.dtype
+        """The parameters' dtype (bf16 under ``train.dtype=bfloat16``); a pipeline stage holds
+        only some blocks, so read any parameter of the flow."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def token_dtype(self) -> torch.dtype:
+        """Tokens, z and log-dets are at least fp32 (only the transformers compute in bf16)."""
+        return torch.promote_types(self.dtype, torch.float32)
 
     def video_to_tokens(self, video: torch.Tensor, dequantize: bool = True,
                         generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 ``[B, T, H, W, 3]`` -> model tokens ``[B, T', h, w, C']``."""
+        """uint8 ``[B, T, H, W, 3]`` (any device) -> model tokens ``[B, T', h, w, C']`` on the
+        system's device."""
+        video = video.to(self.device)
         kwargs = {"generator": generator, "dequantize": dequantize} if self.cfg.data.codec == "s2d" else {}
         latent = self._scale_later_frames(self.codec.encode(video, **kwargs), self.cfg.data.later_frames_scale)
-        return patchify(latent.to(self.dtype), self.cfg.model.patch_size)
+        return patchify(latent.to(self.token_dtype), self.cfg.model.patch_size)
 
     @staticmethod
     def _scale_later_frames(latent: torch.Tensor, factor: float) -> torch.Tensor:

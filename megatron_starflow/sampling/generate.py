@@ -73,8 +73,10 @@ def prepare_inputs(system: StarFlowSystem, captions: list[str], frames: int | No
     frames = frames or cfg.data.frames
     t, h, w = _token_grid(system, frames)
     b, c, hw = len(captions), cfg.model.token_channels, h * w
+    # z is drawn on the CPU in float64 and then placed: a seed gives the same video on any device.
     gen = torch.Generator().manual_seed(seed)
-    z = temperature * torch.randn((b, t, h, w, c), generator=gen, dtype=torch.float64).to(system.dtype)
+    z = temperature * torch.randn((b, t, h, w, c), generator=gen, dtype=torch.float64)
+    z = z.to(device=system.device, dtype=system.token_dtype)
     text = system.encode_text(captions)
     uncond = system.encode_text([""] * b) if opts.guidance else None
     prefix_tokens, prefix_u, given = None, None, 0

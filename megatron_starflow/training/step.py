@@ -105,8 +105,13 @@ class PipelineStep:
     def forward_backward(self, noisy: torch.Tensor, text: torch.Tensor) -> dict:
         from megatron_starflow.parallel.pipeline import pipeline_flow_and_fsm_backward
 
-        out = pipeline_flow_and_fsm_backward(self.stage, self._split(noisy, text), self.fsm_weight,
+        # The micro-batches' backwards reach the text embeddings one after another: they
+        # accumulate into a leaf, whose gradient then runs through the text encoder once.
+        leaf = text.detach().requires_grad_(text.requires_grad)
+        out = pipeline_flow_and_fsm_backward(self.stage, self._split(noisy, leaf), self.fsm_weight,
                                              group=self.layout.pp_group)
+        if leaf.grad is not None:
+            text.backward(leaf.grad)
         flow = out["flow"].item() if "flow" in out else None
         return {"flow": flow, "bits_per_dim": None if flow is None else bits_per_dim(flow),
                 "fsm": out["fsm"].item() if "fsm" in out else None}

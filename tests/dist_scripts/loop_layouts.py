@@ -76,17 +76,23 @@ def main() -> None:
     ckpt = base["train"]["ckpt_every"]
     initialize()  # the default group (gloo), before the first layout
     rank, world = dist.get_rank(), dist.get_world_size()
+    only = sys.argv[4].split(",") if len(sys.argv) > 4 else None  # debugging: a subset of runs
     results = {}
     for name in LAYOUTS:
+        if only and name not in only:
+            continue
         key = f"run/{name}"
         try:
             run_dir = os.path.join(work, "run", name)
             train(layout_config(base, name, world), run_dir, quiet=True)
             results[key] = losses(run_dir) if rank == 0 else None
-        except Exception:  # noqa: BLE001 - reported per check
+        except Exception:  # noqa: BLE001 - reported per check (every rank's in stderr)
             results[key] = {"error": traceback.format_exc()}
+            print(f"rank {rank} {key}: {results[key]['error']}", file=sys.stderr)
     for src, dst in RESUMES:
         key = f"resume/{src}->{dst}"
+        if only and key not in only:
+            continue
         try:
             run_dir = os.path.join(work, "resume", f"{src}-{dst}")
             if rank == 0:
@@ -96,6 +102,7 @@ def main() -> None:
             results[key] = losses(run_dir) if rank == 0 else None
         except Exception:  # noqa: BLE001
             results[key] = {"error": traceback.format_exc()}
+            print(f"rank {rank} {key}: {results[key]['error']}", file=sys.stderr)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
