@@ -4,6 +4,7 @@ through a submitit executor (``--executor``)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from megatron_starflow.cli.evaluate import cmd_eval
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "local gloo processes unless torchrun/SLURM started N")
     sa.set_defaults(func=cmd_sample)
     for sub_parser in (tr, ev, sa):
+        sub_parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                                help="where to compute (default: train.device of the config, "
+                                     "'auto' = cuda:LOCAL_RANK when CUDA is present, else cpu)")
         add_launcher_arguments(sub_parser)
     return parser
 
@@ -84,16 +88,20 @@ def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the sbatch script and the resolved config; submit nothing")
 
 
-def main(argv=None) -> int:
+def main(argv=None, hooks=None) -> int:
+    """``hooks``: a ``training.hooks.TrainHooks`` for ``train`` (tests inject faults through it;
+    it travels with submitit tasks, so it must pickle)."""
     quiet_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.hooks = hooks
     try:
         if getattr(args, "executor", None) or getattr(args, "dry_run", False) \
                 or getattr(args, "slurm_config", None):
             from megatron_starflow.launch.executors import launch
 
-            return launch(args.command, argv, args, entry=main)
+            entry = main if hooks is None else functools.partial(main, hooks=hooks)
+            return launch(args.command, argv, args, entry=entry)
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)

@@ -18,7 +18,7 @@ def cmd_sample(args) -> int:
 
     prompts = prompts_of(args)
     prefix = conditioning_of(args)
-    system, step, _ = load_system(args.checkpoint)
+    system, step, _ = load_system(args.checkpoint, getattr(args, "device", None))
     opts = SolverOptions(solver=args.solver, first_block=args.block_size[0],
                          later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)
     out = generate(system, prompts, args.frames, args.seed, opts, prefix,

@@ -35,7 +35,7 @@ def sample_worker(args) -> None:
     quiet_warnings()
     prompts = args._prompts
     prefix = conditioning_of(args)
-    system, step, _ = load_system(args.checkpoint)
+    system, step, _ = load_system(args.checkpoint, getattr(args, "device", None))
     if dist.get_world_size() != args.cp:
         raise ValueError(f"--cp {args.cp} but the launcher started {dist.get_world_size()} processes")
     opts = SolverOptions(solver="jacobi", first_block=args.block_size[0],

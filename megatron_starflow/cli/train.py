@@ -8,11 +8,13 @@ import os
 
 def cmd_train(args) -> int:
     from megatron_starflow.config import load_config
-    from megatron_starflow.training.loop import train
+    from megatron_starflow.training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    if getattr(args, "device", None):
+        cfg.train.device = args.device
     run_dir = args.out or cfg.train.out_dir
-    result = train(cfg, run_dir)
+    result = train(cfg, run_dir, hooks=getattr(args, "hooks", None))
     if int(os.environ.get("RANK", "0")) != 0:  # multi-process launch: rank 0 reports
         return 0
     summary = {

@@ -5,22 +5,26 @@
 from __future__ import annotations
 
 
-def load_system(checkpoint: str):
+def load_system(checkpoint: str, device: str | None = None):
     """A training checkpoint (run / checkpoints / step folder) or an inference folder written by
     ``tools/convert_checkpoint.py export`` / ``tools/import_ml_starflow.py`` -> (system, step,
-    folder), on one process, in eval mode."""
+    folder), on one process, in eval mode, on ``device`` (``parallel.device.select_device``:
+    auto | cpu | cuda; None = the config's ``train.device``)."""
     from megatron_starflow.convert.inference import is_inference_folder, load_inference_system
+    from megatron_starflow.parallel.device import select_device
 
     if is_inference_folder(checkpoint):
-        _, system, meta = load_inference_system(checkpoint)
-        return system, int(meta.get("step", 0) or 0), checkpoint
-    from megatron_starflow.models.system import StarFlowSystem
-    from megatron_starflow.parallel.state import ensure_single_process
-    from megatron_starflow.training.checkpoint import load_checkpoint
+        cfg, system, meta = load_inference_system(checkpoint)
+        step, folder = int(meta.get("step", 0) or 0), checkpoint
+    else:
+        from megatron_starflow.models.system import StarFlowSystem
+        from megatron_starflow.parallel.state import ensure_single_process
+        from megatron_starflow.training.checkpoint import load_checkpoint
 
-    cfg, state, step_dir = load_checkpoint(checkpoint)
-    ensure_single_process()
-    system = StarFlowSystem(cfg, step_dir)
-    system.load_trainable_state_dict(state["model"])
+        cfg, weights, step, folder = load_checkpoint(checkpoint)
+        ensure_single_process()
+        system = StarFlowSystem(cfg, folder)
+        system.load_trainable_state_dict(weights)
+    system.to(select_device(device or cfg.train.device))
     system.eval()
-    return system, state.get("step", 0), step_dir
+    return system, step, folder

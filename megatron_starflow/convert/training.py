@@ -1,11 +1,10 @@
 """Training checkpoint <-> inference folder.
 
-A training checkpoint (``training/checkpoint.py``) holds in ``state.pt`` the full, unsharded
-weights of ``StarFlowSystem.trainable_state_dict``, which do not depend on TP/PP; export reads them
-through ``read_training_weights``, the one reader of that format here. Import writes the same
-format with ``parallel.tp`` / ``parallel.pp`` set in its config: a TP run loads it on every rank
-with ``parallel.sharding.load_full_state_dict`` (each rank takes its chunk), a PP stage the keys of
-its own blocks.
+A training checkpoint is sharded (``training/sharded_checkpoint.py``: every rank wrote its own
+pieces); ``read_training_weights`` assembles the full weights of ``StarFlowSystem.
+trainable_state_dict`` in one process, whatever layout wrote them. Import writes a checkpoint in
+the loop's own format (``training/checkpoint.py: save_system_checkpoint``), which a run of any
+layout resumes from (loading reshards).
 """
 
 from __future__ import annotations
@@ -24,27 +23,20 @@ def read_training_weights(path: str, only_ema: bool = False):
     names plus ``text_encoder.*``, step, step folder)."""
     from megatron_starflow.training.checkpoint import load_checkpoint
 
-    cfg, state, step_dir = load_checkpoint(path)
-    weights = state.get("model")
-    if weights is None:
-        raise ValueError(f"{step_dir}/state.pt holds no 'model' entry (keys: {sorted(state)})")
+    cfg, weights, step, step_dir = load_checkpoint(path)
     if only_ema:
-        if "ema" not in state:
-            raise NoEMAError(f"--only-ema: {step_dir} holds no EMA weights (training keeps no "
-                             f"exponential moving average yet); export without --only-ema")
-        weights = state["ema"]
+        raise NoEMAError(f"--only-ema: {step_dir} holds no EMA weights (training keeps no "
+                         f"exponential moving average yet); export without --only-ema")
     out = {}
     for key, value in weights.items():
-        if not torch.is_tensor(value):
-            continue  # megatron _extra_state
         if key.startswith("model."):
             out[key[len("model."):]] = value
         elif key.startswith("text_encoder."):
             out[key] = value
         else:
-            raise ValueError(f"{step_dir}/state.pt: unexpected weight name {key!r} (expected "
-                             f"model.* or text_encoder.*)")
-    return cfg, out, int(state.get("step", 0)), step_dir
+            raise ValueError(f"{step_dir}: unexpected weight name {key!r} (expected model.* or "
+                             f"text_encoder.*)")
+    return cfg, out, step, step_dir
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, dtype: str = "fp32",
@@ -75,8 +67,6 @@ def import_inference(folder: str, run_dir: str, tp: int = 1, pp: int = 1, step: 
     from megatron_starflow.config import save_config
     from megatron_starflow.convert.inference import load_inference_system
     from megatron_starflow.parallel.state import validate_parallel
-    from megatron_starflow.models.system import param_groups
-    from megatron_starflow.training import checkpoint as ckpt
 
     cfg, system, _ = load_inference_system(folder)
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
@@ -93,17 +83,9 @@ def import_inference(folder: str, run_dir: str, tp: int = 1, pp: int = 1, step: 
 
         os.makedirs(os.path.join(run_dir, "tokenizer"), exist_ok=True)
         shutil.copy(tokenizer, os.path.join(run_dir, "tokenizer", "spm.model"))
-    flow, den = param_groups(system)
-    groups = [{"params": flow, "name": "flow"}] + ([{"params": den, "name": "denoiser"}] if den else [])
-    tr = cfg.train
-    optimizer = torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.beta1, tr.beta2),
-                                  weight_decay=tr.weight_decay)
-    rng = torch.Generator().manual_seed(tr.seed).get_state()
-    state = {"model": system.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-             "step": step, "skipped": 0, "epoch": 0, "rng": rng,
-             "imported_from": os.path.abspath(folder)}
-    return ckpt.save_checkpoint(run_dir, step, cfg, state, keep=tr.keep_checkpoints,
-                                tokenizer_file=tokenizer)
+    from megatron_starflow.training.checkpoint import save_system_checkpoint
+
+    return save_system_checkpoint(run_dir, step, cfg, system, tokenizer_file=tokenizer)
 
 
 @torch.no_grad()

@@ -1,115 +1,75 @@
-"""Single-process checkpoints: one folder per step, written atomically, with a ``latest`` pointer.
+"""Training checkpoints seen from one process: find one, read its full weights, or write one from a
+system (a fine-tuning start, a test fixture) in exactly the format the loop writes.
 
-Layout: ``<run>/checkpoints/step_0000100/{state.pt, config.json, tokenizer/}`` and
-``<run>/checkpoints/latest`` (a text file naming the folder). A folder is written under a temporary
-name and renamed when complete, and ``latest`` is replaced atomically, so a kill at any moment
-leaves the previous checkpoint loadable. (Sharded megatron dist_checkpointing for multi-rank runs
-builds on this layout in the launching issue.)
+The loop's own saving and resharding resume is ``training/checkpointing.py`` over
+``training/sharded_checkpoint.py``; this module never holds optimizer state of a real run.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 
 import torch
 
-from megatron_starflow.config import Config, config_from_dict, save_config
-
-
-def checkpoint_root(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run_dir: str, step: int, cfg: Config, state: dict, keep: int = 2,
-                    tokenizer_file: str | None = None) -> str:
-    root = checkpoint_root(run_dir)
-    os.makedirs(root, exist_ok=True)
-    name = f"step_{step:07d}"
-    final = os.path.join(root, name)
-    tmp = os.path.join(root, f".tmp_{name}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    from megatron_starflow.launch import faults
-
-    faults.save_sleep(step)  # tests: a kill now must leave the previous checkpoint loadable
-    save_config(cfg, os.path.join(tmp, "config.json"))
-    if tokenizer_file and os.path.isfile(tokenizer_file):
-        os.makedirs(os.path.join(tmp, "tokenizer"))
-        shutil.copy(tokenizer_file, os.path.join(tmp, "tokenizer", "spm.model"))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_text(os.path.join(root, "latest"), name)
-    _prune(root, keep)
-    _remove_stale_tmp(root)
-    return final
-
-
-def _remove_stale_tmp(root: str) -> None:
-    """Temporary folders left by writers that were killed mid-save (their pid is gone)."""
-    for entry in os.listdir(root):
-        if not entry.startswith(".tmp_"):
-            continue
-        try:
-            pid = int(entry.rsplit("_", 1)[1])
-            os.kill(pid, 0)
-            alive = pid != os.getpid()
-        except (ValueError, ProcessLookupError, IndexError):
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
-            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
-
-
-def _prune(root: str, keep: int) -> None:
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
-    for old in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+from megatron_starflow.config import Config, config_from_dict
+from megatron_starflow.training import sharded_checkpoint as store
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A run folder, a checkpoints folder or a step folder -> the step folder to load."""
-    if os.path.isfile(os.path.join(path, "state.pt")):
+    """A run folder, a checkpoints folder or a step folder -> the step folder to read: the newest
+    intact checkpoint of a run (damaged ones are skipped with a warning)."""
+    if os.path.isfile(os.path.join(path, "meta.json")):
         return path
-    for root in (checkpoint_root(path), path):
-        pointer = os.path.join(root, "latest")
-        if os.path.isfile(pointer):
-            with open(pointer) as f:
-                step_dir = os.path.join(root, f.read().strip())
-            if os.path.isfile(os.path.join(step_dir, "state.pt")):
-                return step_dir
-        # `latest` missing or naming a folder that is gone: the newest complete step folder
-        if os.path.isdir(root):
-            done = sorted(d for d in os.listdir(root) if d.startswith("step_")
-                          and os.path.isfile(os.path.join(root, d, "state.pt"))
-                          and os.path.isfile(os.path.join(root, d, "config.json")))
-            if done:
-                return os.path.join(root, done[-1])
-    raise FileNotFoundError(f"{path!r} is not a checkpoint: expected a folder with state.pt and "
-                            f"config.json, or a run folder with checkpoints/latest (train one with "
-                            f"`python launch.py train --config examples/configs/tiny_cpu.yaml`)")
+    for run_dir in (path, os.path.dirname(os.path.abspath(path))):
+        if os.path.isdir(store.checkpoints_dir(run_dir)):
+            found, notes = store.find_resumable(run_dir)
+            for note in notes:
+                import warnings
+
+                warnings.warn(note, stacklevel=2)
+            if found:
+                return found
+    raise FileNotFoundError(f"{path!r} is not a checkpoint: expected a step folder with meta.json, or "
+                            f"a run folder with checkpoints/ (train one with `python launch.py train "
+                            f"--config examples/configs/tiny_cpu.yaml`)")
 
 
-def load_checkpoint(path: str, map_location="cpu") -> tuple[Config, dict, str]:
-    """-> (config, state, step folder). The config is the one saved with the weights, with the
-    tokenizer path pointed at the checkpoint's own copy."""
+def load_checkpoint(path: str) -> tuple[Config, dict, int, str]:
+    """-> (config, full weights named as ``StarFlowSystem.trainable_state_dict``, step, step
+    folder). The config is the one saved with the weights, its tokenizer pointed at the
+    checkpoint's own copy."""
     step_dir = resolve_checkpoint(path)
-    import json
-
-    with open(os.path.join(step_dir, "config.json")) as f:
-        cfg = config_from_dict(json.load(f))
+    cfg = config_from_dict(store.read_config(step_dir))
     spm = os.path.join(step_dir, "tokenizer", "spm.model")
     if cfg.text.encoder == "sentencepiece" and os.path.isfile(spm):
         cfg.text.path = spm
-    state = torch.load(os.path.join(step_dir, "state.pt"), map_location=map_location, weights_only=False)
-    return cfg, state, step_dir
+    weights = store.load_full_model(step_dir)
+    return cfg, weights, int(store.read_meta(step_dir)["step"]), step_dir
+
+
+def save_system_checkpoint(run_dir: str, step: int, cfg: Config, system,
+                           tokenizer_file: str | None = None) -> str:
+    """Write ``system``'s weights as step ``step`` of ``run_dir`` with a fresh optimizer state
+    (fp32 master = the weights, zero moments) and no data position, in one process: the loop
+    resumes from it with any layout."""
+    from megatron_starflow.parallel.state import ensure_single_process
+    from megatron_starflow.training.build import named_param_groups
+    from megatron_starflow.training.checkpointing import FORMAT
+    from megatron_starflow.training.guards import SkipGuard
+    from megatron_starflow.training.layout import ProcessLayout
+    from megatron_starflow.training.optimizer import build_optimizer
+
+    ensure_single_process()
+    layout = ProcessLayout.current(cfg, next(system.parameters()).device)
+    groups = named_param_groups(system, layout)
+    optimizer = build_optimizer(cfg, groups, layout)
+    try:
+        tensors = optimizer.model_sharded_state_dict(prefix="model.")
+        tensors.update(optimizer.sharded_state_dict())
+        meta = {"format": FORMAT, "step": step, "guard": SkipGuard(cfg.train).state_dict(),
+                "data": None, "parallel": layout.describe()}
+        files = {"tokenizer/spm.model": tokenizer_file} if tokenizer_file else {}
+        return store.save(run_dir, step, tensors, {"torch": torch.get_rng_state()}, meta,
+                          cfg.to_dict(), keep=cfg.train.keep_checkpoints, files=files)
+    finally:
+        optimizer.close()
