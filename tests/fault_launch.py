@@ -14,10 +14,12 @@ if __name__ == "__main__":
     parser.add_argument("--fault-nan-steps", default="")
     parser.add_argument("--fault-step-sleep", type=float, default=0.0)
     parser.add_argument("--fault-save-sleep", default="")
+    parser.add_argument("--fault-requeue-marker", default="")
     faults, rest = parser.parse_known_args()
     save = None
     if faults.fault_save_sleep:
         step, seconds = faults.fault_save_sleep.split(":")
         save = (int(step), float(seconds))
-    hooks = FaultHooks(parse_steps(faults.fault_nan_steps), faults.fault_step_sleep, save)
+    hooks = FaultHooks(parse_steps(faults.fault_nan_steps), faults.fault_step_sleep, save,
+                       faults.fault_requeue_marker)
     sys.exit(main(rest, hooks=hooks))

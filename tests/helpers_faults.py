@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 
-import torch
 
 from megatron_starflow.training.hooks import TrainHooks
 
@@ -27,8 +29,21 @@ def parse_steps(text: str) -> set[int]:
 
 class FaultHooks(TrainHooks):
     def __init__(self, nan_steps: set[int] = frozenset(), step_sleep: float = 0.0,
-                 save_sleep: tuple[int, float] | None = None):
+                 save_sleep: tuple[int, float] | None = None, requeue_marker: str = ""):
         self.nan_steps, self.step_sleep, self.save_sleep = set(nan_steps), step_sleep, save_sleep
+        self.requeue_marker = requeue_marker
+
+    def requeue(self, signum, rank: int, step: int, checkpoint: str) -> str | None:
+        """Record the request in a JSON marker (rank 0) instead of requeueing."""
+        if not self.requeue_marker:
+            return None
+        if rank == 0:
+            tmp = f"{self.requeue_marker}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"signal": signal.Signals(signum or signal.SIGUSR1).name, "step": step,
+                           "checkpoint": checkpoint}, f)
+            os.replace(tmp, self.requeue_marker)
+        return f"fake requeue: marker {self.requeue_marker}"
 
     def after_backward(self, step: int, params: list) -> None:
         if step in self.nan_steps:  # one NaN gradient, as a diverging step would produce

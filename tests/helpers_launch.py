@@ -12,7 +12,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml")
-FAULT = "MEGATRON_STARFLOW_FAULT_"
+TESTS = os.path.join(ROOT, "tests")
 RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 TINY = ["train.warmup_steps=1", "train.log_every=1", "train.eval_batches=1",
@@ -29,27 +29,26 @@ def overrides(steps: int, ckpt_every: int, *extra: str) -> list[str]:
             *TINY, *extra]
 
 
-def env(**faults) -> dict:
+def env() -> dict:
     out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for key in RENDEZVOUS:  # set in this process by an in-process test's one-rank group
         out.pop(key, None)
-    for key in list(out):
-        if key.startswith(FAULT) or key == "MEGATRON_STARFLOW_REQUEUE_MARKER":
-            del out[key]
-    for key, value in faults.items():
-        name = key if key.startswith("MEGATRON_STARFLOW") else FAULT + key.upper()
-        out[name] = str(value)
+    # tests/ on the path of every process of the launch: submitit tasks unpickle FaultHooks
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, out.get("PYTHONPATH", "")) if p)
     return out
 
 
-def train_cmd(run_dir: str, args: list[str], launcher: list[str] = ()) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "launch.py"), "train", "--config", CONFIG,
-            "--out", run_dir, *launcher, *args]
+def train_cmd(run_dir: str, args: list[str], launcher: list[str] = (), **faults) -> list[str]:
+    """``launch.py train`` with ``faults`` (``step_sleep=0.4``, ``save_sleep="6:120"``,
+    ``nan_steps="3-9"``, ``requeue_marker=PATH``) given to tests/fault_launch.py's hooks."""
+    flags = [f"--fault-{key.replace('_', '-')}={value}" for key, value in faults.items()]
+    return [sys.executable, os.path.join(TESTS, "fault_launch.py"), *flags, "train", "--config",
+            CONFIG, "--out", run_dir, *launcher, *args]
 
 
 def run_train(run_dir: str, args: list[str], launcher: list[str] = (), timeout: int = 300,
               **faults) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(run_dir, args, launcher), cwd=ROOT, env=env(**faults),
+    proc = subprocess.run(train_cmd(run_dir, args, launcher, **faults), cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -57,7 +56,7 @@ def run_train(run_dir: str, args: list[str], launcher: list[str] = (), timeout: 
 
 def start_train(run_dir: str, args: list[str], launcher: list[str] = (), **faults) -> subprocess.Popen:
     """In its own session, so ``kill_group`` reaches every process of a multi-task launch."""
-    return subprocess.Popen(train_cmd(run_dir, args, launcher), cwd=ROOT, env=env(**faults),
+    return subprocess.Popen(train_cmd(run_dir, args, launcher, **faults), cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

@@ -44,7 +44,7 @@ def cp_checkpoint(tmp_path_factory, megatron_ready):
     from megatron_starflow.config import load_config
     from megatron_starflow.data.tokenizer import ensure_tokenizer, tokenizer_path
     from megatron_starflow.models.system import StarFlowSystem
-    from megatron_starflow.training.checkpoint import save_checkpoint
+    from megatron_starflow.training.checkpoint import save_system_checkpoint
 
     run_dir = str(tmp_path_factory.mktemp("cp_run"))
     cfg = load_config(None, TINY_SYSTEM + [f"train.out_dir={run_dir}"])
@@ -56,7 +56,7 @@ def cp_checkpoint(tmp_path_factory, megatron_ready):
         for m in list(system.model.blocks) + [system.model.learnable_self_denoiser]:
             for p in (m.proj_out.weight, m.proj_out.bias, m.final_norm.weight):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.2)
-    return save_checkpoint(run_dir, 0, cfg, {"model": system.trainable_state_dict(), "step": 0},
+    return save_system_checkpoint(run_dir, 0, cfg, system,
                            tokenizer_file=tokenizer_path(cfg, run_dir))
 
 

@@ -35,7 +35,7 @@ def trained(tmp_path_factory, megatron_ready):
     from megatron_starflow.convert.training import export_checkpoint
     from megatron_starflow.data.tokenizer import ensure_tokenizer, tokenizer_path
     from megatron_starflow.models.system import StarFlowSystem
-    from megatron_starflow.training.checkpoint import save_checkpoint
+    from megatron_starflow.training.checkpoint import save_system_checkpoint
 
     root = tmp_path_factory.mktemp("convert")
     run_dir = str(root / "run")
@@ -48,7 +48,7 @@ def trained(tmp_path_factory, megatron_ready):
         for name, p in system.named_parameters():
             if "proj_out" in name or "final_norm" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    ckpt = save_checkpoint(run_dir, 7, cfg, {"model": system.trainable_state_dict(), "step": 7},
+    ckpt = save_system_checkpoint(run_dir, 7, cfg, system,
                            tokenizer_file=tokenizer_path(cfg, run_dir))
     export = str(root / "export")
     report = export_checkpoint(run_dir, export, "fp32", max_shard_size=None)
@@ -145,13 +145,13 @@ def test_import_gives_same_loss_and_resumes(trained, tmp_path):
     from megatron_starflow.config import load_config
     from megatron_starflow.convert.training import import_inference
     from megatron_starflow.training.checkpoint import load_checkpoint
-    from megatron_starflow.training.loop import train
+    from megatron_starflow.training.trainer import train
 
     _, ckpt, export, _ = trained
     run2 = str(tmp_path / "finetune")
     step_dir = import_inference(export, run2, tp=2)
-    cfg, state, _ = load_checkpoint(run2)
-    assert state["step"] == 0 and cfg.parallel.tp == 2
+    cfg, _, step, _ = load_checkpoint(run2)
+    assert step == 0 and cfg.parallel.tp == 2
     src, _, _ = load_system(ckpt)
     dst, _, _ = load_system(step_dir)
     assert _fixed_loss(src) == _fixed_loss(dst)
@@ -161,8 +161,7 @@ def test_import_gives_same_loss_and_resumes(trained, tmp_path):
                                                          "train.log_every=1", "train.wandb_mode=disabled"])
     result = train(cfg, run2, quiet=True)
     assert result.steps == 1
-    _, state, _ = load_checkpoint(run2)
-    assert state["step"] == 1
+    assert load_checkpoint(run2)[2] == 1
 
 
 @pytest.mark.slow

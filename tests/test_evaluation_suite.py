@@ -26,7 +26,7 @@ def suite_env(tmp_path_factory, megatron_ready):
     from megatron_starflow.config import load_config
     from megatron_starflow.data.tokenizer import ensure_tokenizer, tokenizer_path
     from megatron_starflow.models.system import StarFlowSystem
-    from megatron_starflow.training.checkpoint import save_checkpoint
+    from megatron_starflow.training.checkpoint import save_system_checkpoint
 
     run_dir = str(tmp_path_factory.mktemp("eval_run"))
     cfg = load_config(None, SYSTEM + [f"train.out_dir={run_dir}"])
@@ -39,7 +39,7 @@ def suite_env(tmp_path_factory, megatron_ready):
             for p in (module.proj_out.weight, module.proj_out.bias, module.final_norm.weight):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     system.eval()
-    step_dir = save_checkpoint(run_dir, 0, cfg, {"model": system.trainable_state_dict(), "step": 0},
+    step_dir = save_system_checkpoint(run_dir, 0, cfg, system,
                                tokenizer_file=tokenizer_path(cfg, run_dir))
     return system, run_dir, step_dir
 

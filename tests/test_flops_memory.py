@@ -174,7 +174,7 @@ def test_throughput_benchmark_cpu(megatron_ready):
 
 
 def test_training_logs_flops(megatron_ready, tmp_path):
-    from megatron_starflow.training.loop import train
+    from megatron_starflow.training.trainer import train
     from megatron_starflow.training.metrics import read_metrics
 
     cfg = load_config(overrides=SMALL_DATA + [

@@ -141,11 +141,13 @@ def test_two_processes_sigkill_and_resume_is_bitwise_exact(dp2_reference, tmp_pa
     assert sorted(got) == sorted(ref)
     for step, values in got.items():
         assert all(v == ref[step] for v in values), (step, values, ref[step])
-    from megatron_starflow.training.checkpoint import load_checkpoint
+    from megatron_starflow.training import sharded_checkpoint as store
 
-    _, state, _ = load_checkpoint(run_dir)
-    assert len(state["rng_ranks"]) == 2 and state["parallel"] == {"world": 2, "tp": 1, "dp": 2, "sp": False}
-    assert state["data"]["sampler"]["consumed"] == STEPS * 2 * 2
+    path, _ = store.find_resumable(run_dir)
+    meta = store.read_meta(path)
+    assert store.load_extras(path, 1) is not None and store.load_extras(path, 2) is None
+    assert meta["parallel"] == {"world": 2, "tp": 1, "pp": 1, "cp": 1, "dp": 2, "sp": False}
+    assert meta["data"]["sampler"]["consumed"] == STEPS * 2 * 2
 
 
 @pytest.mark.slow
@@ -154,14 +156,17 @@ def test_resume_dp2_checkpoint_on_one_process(dp2_reference, tmp_path):
     _rewind(dp2_reference, run_dir, EVERY)
     proc = run_train(run_dir, overrides(STEPS, EVERY))
     assert f"at step {EVERY}" in proc.stdout + proc.stderr
-    from megatron_starflow.training.checkpoint import load_checkpoint
+    from megatron_starflow.training import sharded_checkpoint as store
 
-    _, state, _ = load_checkpoint(run_dir)
+    meta = store.read_meta(store.find_resumable(run_dir)[0])
     # DP=2 consumed 3 windows of 2 x 2 samples, DP=1 then 3 of 2: the global order continues
-    assert state["data"]["sampler"]["consumed"] == EVERY * 4 + (STEPS - EVERY) * 2
-    assert state["parallel"]["dp"] == 1
+    assert meta["data"]["sampler"]["consumed"] == EVERY * 4 + (STEPS - EVERY) * 2
+    assert meta["parallel"]["dp"] == 1
+    # data.batch_size is per replica, so this resume trains on half the global batch: its losses
+    # are not the DP=2 run's (resumes with the same global batch and another layout are checked
+    # against the uninterrupted run in tests/test_loop_parallel.py). Steps EVERY+1.. ran again.
     losses = step_losses(run_dir)
-    assert all(abs(v) < 10 for s in range(EVERY + 1, STEPS + 1) for v in losses[s])
+    assert all(len(losses[s]) == 2 for s in range(EVERY + 1, STEPS + 1))
 
 
 @pytest.mark.slow
@@ -173,7 +178,7 @@ def test_resume_tp2_checkpoint_with_tp1(tmp_path):
     _rewind(tp2, run_dir, EVERY)
     run_train(run_dir, overrides(STEPS, EVERY, "parallel.tp=1"))
     got = {s: v[-1] for s, v in step_losses(run_dir).items()}
-    # same weights, optimizer state, batch and noise (rank 0's generator): the first resumed step
+    # same weights, optimizer state, batch and per-sample noise: the first resumed step
     # differs by float32 summation order only; Adam then amplifies round-off a little
     assert abs(got[EVERY + 1] - ref[EVERY + 1]) <= 1e-5 * abs(ref[EVERY + 1])
     for s in range(EVERY + 2, STEPS + 1):

@@ -65,16 +65,16 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint(reference, tmp_pa
     root = os.path.join(run_dir, "checkpoints")
     proc = start_train(run_dir, overrides(STEPS, EVERY), save_sleep="6:120")
 
-    def saving_step_6():
+    def saving_step_6():  # every file written under the temporary name, not yet renamed
         return os.path.isdir(root) and any(
-            d.startswith(".tmp_step_0000006") and os.path.isfile(os.path.join(root, d, "state.pt"))
+            d.startswith("step_0000006.tmp-") and os.path.isfile(os.path.join(root, d, "integrity.json"))
             for d in os.listdir(root))
 
     wait_for(saving_step_6, proc, what="the save of step 6")
     kill_group(proc)
     assert latest_step(run_dir) == 3
-    _, state, step_dir = load_checkpoint(run_dir)  # the previous checkpoint loads
-    assert state["step"] == 3 and step_dir.endswith("step_0000003")
+    _, _, step, step_dir = load_checkpoint(run_dir)  # the previous checkpoint loads
+    assert step == 3 and step_dir.endswith("step_0000003")
     assert not os.path.exists(os.path.join(root, "step_0000006"))
     run_train(run_dir, overrides(STEPS, EVERY))
     _assert_same_as_reference(run_dir, reference)
@@ -87,8 +87,7 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint(reference, tmp_pa
 def test_sigusr1_checkpoints_and_calls_requeue(tmp_path):
     run_dir = str(tmp_path / "preempted")
     marker = str(tmp_path / "requeued.json")
-    proc = start_train(run_dir, overrides(40, 100), step_sleep=0.3,
-                       MEGATRON_STARFLOW_REQUEUE_MARKER=marker)
+    proc = start_train(run_dir, overrides(40, 100), step_sleep=0.3, requeue_marker=marker)
     wait_for(lambda: max(step_losses(run_dir) or {0: 0}) >= 2 if os.path.isfile(
         os.path.join(run_dir, "metrics.jsonl")) else False, proc, what="step 2")
     os.killpg(proc.pid, signal.SIGUSR1)
@@ -113,58 +112,98 @@ def _cfg(steps, every, *extra):
     return load_config(CONFIG, overrides(steps, every, *extra))
 
 
-def test_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
-    from megatron_starflow.training.loop import train
-    from megatron_starflow.training.metrics import read_metrics
+def test_nan_step_is_skipped_and_counted(tmp_path):
+    from helpers_faults import FaultHooks
 
-    monkeypatch.setenv("MEGATRON_STARFLOW_FAULT_NAN_STEPS", "2")
-    result = train(_cfg(4, 4), str(tmp_path / "run"), quiet=True)
+    from megatron_starflow.training.metrics import read_metrics
+    from megatron_starflow.training.trainer import train
+
+    result = train(_cfg(4, 4), str(tmp_path / "run"), quiet=True, hooks=FaultHooks(nan_steps={2}))
     assert result.skipped == 1 and result.steps == 4
     rows = {r["step"]: r for r in read_metrics(str(tmp_path / "run")) if "loss" in r}
     assert rows[3]["skipped"] == 1 and rows[3]["consecutive_skips"] == 1
     assert rows[4]["consecutive_skips"] == 0
 
 
-def test_consecutive_nan_steps_stop_with_checkpoint_from_before(tmp_path, monkeypatch):
+def test_consecutive_nan_steps_stop_with_checkpoint_from_before(tmp_path):
+    from helpers_faults import FaultHooks
+
     from megatron_starflow.training.checkpoint import load_checkpoint
-    from megatron_starflow.training.distributed_loop import TrainingDiverged
-    from megatron_starflow.training.loop import train
+    from megatron_starflow.training.guards import TrainingDiverged
+    from megatron_starflow.training.trainer import train
 
     run_dir = str(tmp_path / "run")
-    monkeypatch.setenv("MEGATRON_STARFLOW_FAULT_NAN_STEPS", "3-100")  # steps 4.. diverge
+    hooks = FaultHooks(nan_steps=set(range(3, 101)))  # steps 4.. diverge
     with pytest.raises(TrainingDiverged, match=r"3 consecutive skipped steps .* step 4 to 6.*step_0000002"):
-        train(_cfg(20, 2, "train.max_consecutive_skips=3"), run_dir, quiet=True)
+        train(_cfg(20, 2, "train.max_consecutive_skips=3"), run_dir, quiet=True, hooks=hooks)
     # the checkpoint due at step 4 and 6 were not written during the streak
-    _, state, step_dir = load_checkpoint(run_dir)
-    assert state["step"] == 2 and step_dir.endswith("step_0000002")
+    _, _, step, step_dir = load_checkpoint(run_dir)
+    assert step == 2 and step_dir.endswith("step_0000002")
     with open(os.path.join(run_dir, "checkpoints", "DIVERGED.json")) as f:
         assert json.load(f)["first_skipped_step"] == 4
 
 
-def test_preemption_request_saves_and_requeues_in_process(tmp_path, monkeypatch):
+def test_preemption_request_saves_and_requeues_in_process(tmp_path):
+    from helpers_faults import FaultHooks
+
     from megatron_starflow.launch.preemption import PreemptionHandler
-    from megatron_starflow.training.loop import train
+    from megatron_starflow.training.trainer import train
 
     marker = tmp_path / "marker.json"
-    monkeypatch.setenv("MEGATRON_STARFLOW_REQUEUE_MARKER", str(marker))
     handler = PreemptionHandler()
     handler.request(signal.SIGTERM)
-    result = train(_cfg(10, 100), str(tmp_path / "run"), quiet=True, preemption=handler)
+    result = train(_cfg(10, 100), str(tmp_path / "run"), quiet=True, preemption=handler,
+                   hooks=FaultHooks(requeue_marker=str(marker)))
     assert result.preempted and result.steps == 1
     assert json.loads(marker.read_text())["signal"] == "SIGTERM"
     assert latest_step(str(tmp_path / "run")) == 1
 
 
-def test_resolve_checkpoint_falls_back_when_latest_is_dangling(tmp_path):
-    from megatron_starflow.config import load_config
-    from megatron_starflow.training import checkpoint as ckpt
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
+    """A truncated file in the newest checkpoint: one warning naming it, and the run resumes from
+    the previous intact one (and recomputes the lost steps)."""
+    from megatron_starflow.training.metrics import read_metrics
+    from megatron_starflow.training.trainer import train
 
-    cfg = load_config(None, [])
-    for step in (1, 2):
-        ckpt.save_checkpoint(str(tmp_path), step, cfg, {"step": step}, keep=3)
-    with open(tmp_path / "checkpoints" / "latest", "w") as f:
-        f.write("step_0000009")  # names a folder that does not exist
-    assert ckpt.resolve_checkpoint(str(tmp_path)).endswith("step_0000002")
-    os.makedirs(tmp_path / "checkpoints" / ".tmp_step_0000003_999999999")
-    ckpt.save_checkpoint(str(tmp_path), 3, cfg, {"step": 3}, keep=2)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_0000002", "step_0000003"]
+    run_dir = str(tmp_path / "run")
+    train(_cfg(4, 2), run_dir, quiet=True)
+    step4 = os.path.join(run_dir, "checkpoints", "step_0000004", "optim")
+    victim = [f for f in os.listdir(step4) if f.endswith(".distcp")][0]
+    with open(os.path.join(step4, victim), "r+b") as f:
+        f.truncate(10)
+    with pytest.warns(UserWarning, match=rf"step_0000004.*optim/{victim}.*truncated"):
+        result = train(_cfg(6, 2), run_dir, quiet=True)
+    assert result.steps == 6
+    resumed = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert resumed == [1, 2, 3, 4, 3, 4, 5, 6]  # steps 3-4 again, from step 2's checkpoint
+
+
+def test_no_intact_checkpoint_is_one_clear_error(tmp_path, capsys):
+    from megatron_starflow.cli.app import main
+    from megatron_starflow.training.trainer import train
+
+    run_dir = str(tmp_path / "run")
+    train(_cfg(2, 1), run_dir, quiet=True)
+    root = os.path.join(run_dir, "checkpoints")
+    for step in ("step_0000001", "step_0000002"):
+        os.remove(os.path.join(root, step, "integrity.json"))
+    from helpers_launch import CONFIG
+
+    code = main(["train", "--config", CONFIG, "--out", run_dir, *overrides(4, 1)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no intact checkpoint" in err
+    assert "step_0000001: integrity.json" in err and "step_0000002: integrity.json" in err
+
+
+def test_a_layout_that_does_not_fit_the_world_is_an_error(tmp_path, capsys):
+    """parallel.tp=3 on one process: one line naming the key and the world size, never a silent
+    TP=1 run."""
+    from helpers_launch import CONFIG
+
+    from megatron_starflow.cli.app import main
+
+    code = main(["train", "--config", CONFIG, "--out", str(tmp_path / "run"),
+                 *overrides(2, 2, "parallel.tp=3")])
+    err = capsys.readouterr().err
+    assert code == 2 and "world size 1" in err and "parallel.tp" in err
+    assert not os.path.exists(os.path.join(tmp_path, "run", "checkpoints"))

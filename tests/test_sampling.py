@@ -279,7 +279,7 @@ def system_env(tmp_path_factory, megatron_ready):
     from megatron_starflow.config import load_config
     from megatron_starflow.data.tokenizer import ensure_tokenizer, tokenizer_path
     from megatron_starflow.models.system import StarFlowSystem
-    from megatron_starflow.training.checkpoint import save_checkpoint
+    from megatron_starflow.training.checkpoint import save_system_checkpoint
 
     run_dir = str(tmp_path_factory.mktemp("sampling_run"))
     cfg = load_config(None, TINY_SYSTEM + [f"train.out_dir={run_dir}"])
@@ -288,7 +288,7 @@ def system_env(tmp_path_factory, megatron_ready):
     system = StarFlowSystem(cfg, run_dir).double()
     _randomize_system_heads(system.model)
     system.eval()
-    ckpt = save_checkpoint(run_dir, 0, cfg, {"model": system.trainable_state_dict(), "step": 0},
+    ckpt = save_system_checkpoint(run_dir, 0, cfg, system,
                            tokenizer_file=tokenizer_path(cfg, run_dir))
     return system, run_dir, ckpt
 

@@ -266,8 +266,8 @@ def test_manifest_csv(files, tmp_path):
 # ------------------------------------------------------------------------------------------------
 def test_train_three_steps_from_shards_saves_loader_state(files, tmp_path):
     from megatron_starflow.config import load_config
-    from megatron_starflow.training import checkpoint as ckpt
-    from megatron_starflow.training.loop import train
+    from megatron_starflow.training import sharded_checkpoint as store
+    from megatron_starflow.training.trainer import train
 
     overrides = ["train.steps=3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=3",
                  "train.ckpt_every=3", "train.eval_batches=1", "train.wandb_mode=disabled",
@@ -278,5 +278,6 @@ def test_train_three_steps_from_shards_saves_loader_state(files, tmp_path):
     cfg = load_config(os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"), overrides)
     result = train(cfg, str(tmp_path / "run"), quiet=True)
     assert result.steps == 3 and np.isfinite(result.eval_end["bits_per_dim"])
-    _, state, _ = ckpt.load_checkpoint(str(tmp_path / "run"))
+    path, _ = store.find_resumable(str(tmp_path / "run"))
+    state = store.read_meta(path)
     assert state["data"]["sampler"]["consumed"] == 6 and state["data"]["bad_data"]["seen"] == 6

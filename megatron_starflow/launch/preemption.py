@@ -7,9 +7,8 @@ different moment), so :class:`PreemptionHandler` only records it; the training l
 ``requested`` at every step boundary (all-reduced over ranks, so every rank stops at the same
 step), saves a checkpoint and calls :func:`requeue`.
 
-How the job is requeued (``requeue``), in this order:
-* ``MEGATRON_STARFLOW_REQUEUE_MARKER=PATH``: a fake for tests and dry runs: rank 0 writes a JSON
-  marker file (signal, step, checkpoint) and nothing is requeued;
+How the job is requeued (``requeue``; the loop asks ``TrainHooks.requeue`` first, which tests
+override to record the request instead), in this order:
 * under submitit (``SUBMITIT_EXECUTOR`` set) and the signal is submitit's: submitit's own handler
   is called now, at the step boundary: it calls the job's ``checkpoint()`` (which resubmits the
   same ``TrainJob``; it resumes from ``latest``), requeues (``scontrol requeue`` on SLURM, a
@@ -20,14 +19,11 @@ How the job is requeued (``requeue``), in this order:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-
-REQUEUE_MARKER_ENV = "MEGATRON_STARFLOW_REQUEUE_MARKER"
 
 
 def submitit_signal() -> int | None:
@@ -90,15 +86,6 @@ def requeue(handler: PreemptionHandler, rank: int, step: int, checkpoint: str) -
     """Requeue the job after the preemption checkpoint; returns how (for the log). Called on every
     rank; only rank 0 acts (submitit's handler itself also acts on global rank 0 only)."""
     signum = handler.received if handler.received is not None else signal.SIGUSR1
-    marker = os.environ.get(REQUEUE_MARKER_ENV)
-    if marker:
-        if rank == 0:
-            tmp = f"{marker}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({"signal": signal.Signals(signum).name, "step": step,
-                           "checkpoint": checkpoint, "time": time.time()}, f)
-            os.replace(tmp, marker)
-        return f"fake requeue: marker {marker}"
     previous = handler.previous.get(signum)
     sub_sig = submitit_signal()
     if sub_sig is not None and callable(previous):

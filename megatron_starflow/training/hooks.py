@@ -17,3 +17,8 @@ class TrainHooks:
 
     def during_save(self, step: int, tmp_dir: str) -> None:
         """The checkpoint of ``step`` is written under its temporary name, not yet renamed."""
+
+    def requeue(self, signum: int, rank: int, step: int, checkpoint: str) -> str | None:
+        """After the preemption checkpoint: return how the job was requeued to replace the real
+        requeue (``launch.preemption.requeue``), or None to let it run."""
+        return None

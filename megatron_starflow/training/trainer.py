@@ -141,7 +141,7 @@ class Trainer:
         from megatron_starflow.launch.preemption import PreemptionHandler, requeue
 
         self.setup()
-        cfg, tr, lay = self.cfg, self.cfg.train, self.layout
+        tr, lay = self.cfg.train, self.layout
         handler = self._preemption or PreemptionHandler().install()
         start = self.state.step
         t_start = time.time()
@@ -177,7 +177,8 @@ class Trainer:
                     raise self._diverged(step)
                 if lay.any(handler.requested):
                     where = self.checkpoints.save(step + 1)
-                    how = requeue(handler, lay.rank, step + 1, where)
+                    how = (self.hooks.requeue(handler.received, lay.rank, step + 1, where)
+                           or requeue(handler, lay.rank, step + 1, where))
                     self.logger.log({"step": step + 1, "event": "preempted", "checkpoint": where,
                                      "requeue": how})
                     if not self.quiet:

@@ -20,10 +20,9 @@ from megatron_starflow.training.checkpoint import load_checkpoint  # noqa: E402
 
 
 def main(run_dir: str, out: str) -> None:
-    cfg, ckpt, step_dir = load_checkpoint(run_dir)
+    cfg, weights, _, step_dir = load_checkpoint(run_dir)
     state.initialize_from_config(cfg, backend="gloo")
     system = StarFlowSystem(cfg, step_dir)  # stacks built with tp from parallel_state
-    weights = ckpt["model"]
     load_full_state_dict(system.model, {k[6:]: v for k, v in weights.items() if k.startswith("model.")})
     system.text_encoder.load_state_dict(
         {k[13:]: v for k, v in weights.items() if k.startswith("text_encoder.")})
