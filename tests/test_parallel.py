@@ -84,7 +84,8 @@ def test_validate_parallel_derives_dp():
     (dict(tp=1, sp=True), 1, "parallel.sp=true needs parallel.tp"),
     (dict(pp=4), 4, "model.num_blocks=3"),
     (dict(pp=2, vpp=2), 4, "parallel.vpp"),
-    (dict(cp=2), 2, "parallel.cp"),
+    (dict(cp=16), 16, "parallel.cp=16 splits latent frames"),  # 8 latent frames
+    (dict(cp=2, pp=2), 4, "parallel.cp=2 with parallel.pp=2"),
 ])
 def test_validate_parallel_names_the_key(parallel, world, key):
     from megatron_starflow.parallel.state import validate_parallel
