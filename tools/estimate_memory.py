@@ -69,7 +69,13 @@ def main(argv=None) -> dict:
                       f"{_gb(r['optimizer']):>6} {_gb(r['activations']):>6} {_gb(r['total']):>6}")
             fits = single["max_total"] <= budget
             print(f"max over ranks: {_gb(single['max_total'])} GB (stage {single['max_stage']}); budget "
-                  f"{budget / 1e9:.0f} GB: {'fits' if fits else 'DOES NOT FIT'}\n")
+                  f"{budget / 1e9:.0f} GB: {'fits' if fits else 'DOES NOT FIT'}")
+            worst = max(single["stages"], key=lambda r: r["checkpoint_total"])
+            whole = sum(r["checkpoint_total"] * tp * dp for r in single["stages"])
+            print(f"sharded checkpoint: each rank writes {_gb(worst['checkpoint_total'])} GB "
+                  f"({_gb(worst['checkpoint_optimizer'])} GB fp32 master + Adam rows, "
+                  f"{_gb(worst['checkpoint_weights'])} GB weights on average; stage "
+                  f"{worst['stage']}); the whole checkpoint is {_gb(whole)} GB\n")
 
     results = [memory.estimate(cfg, lay, inventory)
                for lay in memory.candidate_layouts(cfg, args.gpus, micro_batch=args.micro_batch)]

@@ -185,6 +185,19 @@ def static_bytes_per_param(dp: int, distributed_optimizer: bool, bf16: bool = Tr
     return {"params": weights + master / shard, "grads": grads, "optimizer": adam / shard}
 
 
+def checkpoint_bytes_per_rank(params_per_rank: float, dp: int, bf16: bool = True) -> dict[str, float]:
+    """Bytes a rank writes into a sharded checkpoint (training/checkpointing.py), holding
+    ``params_per_rank`` parameters (its TP shard of its pipeline stage): its rows of the fp32
+    master weights and both Adam moments (12 B per parameter over the ``dp`` (x cp) ranks that
+    split them), and on average its share of the model weights in their training dtype, which
+    are replicated over DP and written once (torch.distributed.checkpoint's deduplication
+    spreads them over the replicas)."""
+    weights = params_per_rank * (2.0 if bf16 else 4.0) / dp
+    optimizer = params_per_rank * 12.0 / dp
+    return {"checkpoint_weights": weights, "checkpoint_optimizer": optimizer,
+            "checkpoint_total": weights + optimizer}
+
+
 # ------------------------------------------------------------------------------ layouts
 
 @dataclass
@@ -222,6 +235,7 @@ def estimate(cfg: Config, layout: Layout, inventory: ParamInventory | None = Non
                **{k: params * v for k, v in per_param.items()},
                "activations": max(flow, den)}
         row["total"] = row["params"] + row["grads"] + row["optimizer"] + row["activations"]
+        row.update(checkpoint_bytes_per_rank(params, layout.dp, bf16))
         rows.append(row)
     worst = max(rows, key=lambda r: r["total"])
     return {"layout": layout.__dict__, "stages": rows, "max_stage": worst["stage"],

@@ -281,6 +281,9 @@ class _Entry:
         return tensor.view(self.shape)[lo:hi]
 
 
+GATHER_BUCKET_NUMEL = 40_000_000  # parameters per all-gather of updated rows
+
+
 class ShardedAdamW:
     def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, shard_group=None, norm_group=None,
@@ -339,12 +342,19 @@ class ShardedAdamW:
         # viewed as [dp, segment] holds a parameter's chunks as one strided block (<= 2 copies per
         # parameter to publish, whatever dp). Shard rank 0 always holds full chunks: no padding
         # beyond the longest rank's rows.
-        self._buckets: dict[torch.dtype, dict] = {}
+        # Buckets of at most ``GATHER_BUCKET_NUMEL`` parameters (as megatron's buckets) bound the
+        # transient gather buffer: at 7B a single bucket would hold every parameter once more.
+        self._buckets: dict[tuple[torch.dtype, int], dict] = {}
+        current: dict[torch.dtype, int] = {}
         for e in self.entries:
-            b = self._buckets.setdefault(e.param.dtype, {"entries": [], "segment": 0})
+            index = current.setdefault(e.param.dtype, 0)
+            b = self._buckets.setdefault((e.param.dtype, index), {"entries": [], "segment": 0, "numel": 0})
             b["entries"].append(e)
             e.gather_offset = b["segment"]
             b["segment"] += e.chunk * e.row_numel
+            b["numel"] += e.param.numel()
+            if b["numel"] >= GATHER_BUCKET_NUMEL:
+                current[e.param.dtype] = index + 1
 
         self._hooks = []
         self._by_fqn = {e.fqn: e for e in self.entries}
@@ -505,7 +515,7 @@ class ShardedAdamW:
     def _publish(self) -> None:
         """Copy the master rows into the model: all-gather every rank's rows (one flat collective
         per parameter dtype, equal-size segments)."""
-        for dtype, b in self._buckets.items():
+        for (dtype, _), b in self._buckets.items():
             entries, seg = b["entries"], b["segment"]
             if self.dp == 1:
                 for e in entries:

@@ -22,7 +22,11 @@ import torch.distributed as dist  # noqa: E402
 
 from helpers_sharded import Tiny, Wide, batch, groups_of, loss_fn, reference  # noqa: E402
 from megatron_starflow.parallel.memory import static_bytes_per_param  # noqa: E402
+from megatron_starflow.training import sharded_optimizer  # noqa: E402
 from megatron_starflow.training.sharded_optimizer import ShardedAdamW  # noqa: E402
+
+# Tiny gather buckets, so these small models exercise the multi-bucket gather of 7B runs.
+sharded_optimizer.GATHER_BUCKET_NUMEL = 300
 
 STEPS = 5
 LRS = {"flow": 3e-2, "denoiser": 1e-2}
