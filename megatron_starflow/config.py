@@ -85,7 +85,10 @@ class TextConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic (in-memory clips) | shards (tar shards of video files / latents)
+    # synthetic (in-memory clips) | shards (tar shards of video files / pre-decoded clips) |
+    # latent_shards (stored Wan latents + T5 embeddings of prepare_data.py --latents: the loop builds
+    # neither the VAE nor the text encoder)
+    source: str = "synthetic"
     frames: int = 8
     height: int = 16
     width: int = 16
@@ -97,7 +100,7 @@ class DataConfig:
     codec_path: str = ""  # wan: local diffusers folder
     s2d_patch: int = 2
     s2d_frames: int = 1
-    num_workers: int = 0
+    num_workers: int = 0  # shard sources: decode in this many worker processes (0 = in the loop)
     # Latent frames 1.. are multiplied by this after encoding and divided by it before decoding
     # (frame 0 is left alone): the authors' Wan2.2 setting "vae: ...:0.6" (docs/reference_facts.md
     # section 7). 1.0 = off.
@@ -429,8 +432,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.latent_channels={m.latent_channels} but the s2d codec makes "
                               f"3 * s2d_patch^2 * s2d_frames = {expected} channels; set "
                               f"model.latent_channels={expected}")
-    if d.source not in ("synthetic", "shards"):
-        raise ConfigError(f"data.source={d.source!r}; valid: synthetic, shards")
+    if d.source not in ("synthetic", "shards", "latent_shards"):
+        raise ConfigError(f"data.source={d.source!r}; valid: synthetic, shards, latent_shards")
+    if d.source == "latent_shards":
+        if d.codec != "wan" or t.encoder != "t5":
+            raise ConfigError(f"data.source=latent_shards trains from stored Wan latents and T5 "
+                              f"embeddings, so it needs data.codec=wan and text.encoder=t5 (got "
+                              f"{d.codec}, {t.encoder}); with the s2d codec or a trainable text "
+                              f"encoder use data.source=shards (it reads pre-decoded clips too)")
+        if not d.shards or not d.heldout_shards:
+            raise ConfigError("data.source=latent_shards needs data.shards and data.heldout_shards: "
+                              "folders of latent shards made by tools/prepare_data.py --latents "
+                              "--config <this config> (the loop has no VAE or text encoder to "
+                              "encode other held-out clips)")
     if d.source == "shards" and not d.shards:
         raise ConfigError("data.source=shards needs data.shards: a folder of .tar shards made by "
                           "tools/prepare_data.py (or a glob / comma-separated list)")

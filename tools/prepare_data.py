@@ -6,9 +6,10 @@
     # a CSV or JSONL manifest with columns path (or file) and caption
     python tools/prepare_data.py --manifest videos.csv --out data/shards
     # latent shards for a run config: decoded + resized clips (+ codec latents for a lossy codec,
-    # + text embeddings for a frozen text encoder), so training skips decoding
+    # + text embeddings and the empty caption's embedding for a frozen text encoder), so training
+    # skips decoding (data.source=shards) or the VAE and T5 as well (data.source=latent_shards)
     python tools/prepare_data.py --input data/synth --out data/latents --latents \
-        --config examples/configs/tiny_cpu.yaml [section.key=value ...]
+        --config examples/configs/tiny_cpu.yaml [--no-frames] [section.key=value ...]
 
 Every file is checked on the way in (PyAV opens it and decodes every frame; with ``--latents`` it is
 also clipped): zero-byte, truncated, undecodable, too short and caption-less files are skipped and
@@ -43,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--config", help="--latents: run config (YAML) giving frames, size, codec, text encoder")
     p.add_argument("--backend", default="pyav", choices=("auto", "dali", "pyav"),
                    help="--latents: decoder")
+    p.add_argument("--no-frames", dest="frames", action="store_false",
+                   help="--latents with a lossy codec: do not store the decoded clips (latent shards "
+                        "for data.source=latent_shards only; a 480p 81-frame clip is ~97 MB)")
     p.add_argument("overrides", nargs="*", help="--latents: section.key=value config overrides")
     args = p.parse_args(argv)
     if args.shard_size < 1:
@@ -112,18 +116,24 @@ def pack_videos(records, out: str, shard_size: int, shard_bytes: int, check: boo
     return {"shards": len(shards), "samples": sum(s["samples"] for s in shards)}
 
 
-def pack_latents(records, out: str, shard_size: int, shard_bytes: int, cfg, backend: str, log) -> dict:
+def pack_latents(records, out: str, shard_size: int, shard_bytes: int, cfg, backend: str, log,
+                 frames: bool = True) -> dict:
     """Decode each clip once (deterministic: first frames, centre crop) at the config's size and
-    store it (+ codec latent for a lossy codec, + text embedding for a frozen text encoder)."""
+    store it (unless ``frames`` is False) + the codec's normalised latent for a lossy codec + the
+    text embedding of the formatted caption for a frozen text encoder; once per shard set, the
+    embedding of the empty caption (``null_text.npy``: what caption dropout trains on) and, in
+    shards.json, what they were made with (checked by data.source=latent_shards)."""
     import torch
 
+    from megatron_starflow.data.latent_shards import NULL_TEXT, latent_facts
     from megatron_starflow.data.loader import clip_spec
-    from megatron_starflow.data.shards import ShardWriter, npy_bytes
-    from megatron_starflow.data.video import VideoClipIterator, BadSample
+    from megatron_starflow.data.shards import ShardWriter, npy_bytes, write_npy
+    from megatron_starflow.data.video import BadSample, VideoClipIterator
+    from megatron_starflow.models.system import format_captions
 
     spec = clip_spec(cfg, train=False)
     it = VideoClipIterator(records, spec, backend, shuffle=False, bad_log=log, batch_size=8)
-    codec = text_encoder = None
+    codec = text_encoder = null_text = None
     if cfg.data.codec != "s2d":
         from megatron_starflow.models.system import make_codec
 
@@ -132,7 +142,14 @@ def pack_latents(records, out: str, shard_size: int, shard_bytes: int, cfg, back
         from megatron_starflow.models.system import make_text_encoder
 
         text_encoder = make_text_encoder(cfg, out).eval()
+        with torch.no_grad():
+            null_text = text_encoder(format_captions(cfg, [""]))[0][0].float().numpy()
+        write_npy(os.path.join(out, NULL_TEXT), null_text)
+    if not frames and codec is None:
+        raise SystemExit("error: --no-frames needs a lossy codec (data.codec=wan): the s2d codec "
+                         "trains from the stored frames")
     keys = _unique_keys(records)
+    latent_shape = None
     with ShardWriter(out, shard_size, shard_bytes) as writer:
         for lo in range(0, len(records), 8):
             for position, record, clip in it.decode([(i, i) for i in range(lo, min(lo + 8, len(records)))]):
@@ -140,22 +157,25 @@ def pack_latents(records, out: str, shard_size: int, shard_bytes: int, cfg, back
                     log.skip(record.where, clip.kind, str(clip))
                     continue
                 log.ok()
-                members = {"frames.npy": npy_bytes(clip), "txt": record.caption.strip().encode("utf-8"),
+                members = {"txt": record.caption.strip().encode("utf-8"),
                            "json": json.dumps({**record.meta, "source": record.path,
                                                "clip": [spec.frames, spec.height, spec.width]}).encode()}
+                if frames:
+                    members["frames.npy"] = npy_bytes(clip)
                 with torch.no_grad():
                     if codec is not None:
-                        latent = codec.encode(torch.from_numpy(clip)[None])[0]
-                        members["latent.npy"] = npy_bytes(latent.float().numpy())
+                        latent = codec.encode(torch.from_numpy(clip)[None])[0].float().numpy()
+                        latent_shape = latent.shape
+                        members["latent.npy"] = npy_bytes(latent)
                     if text_encoder is not None:
-                        from megatron_starflow.models.text import format_caption
-
-                        text = format_caption(record.caption, cfg.text.template,
-                                              noise=int(round(1000 * cfg.model.noise_std)), fps=cfg.data.fps)
-                        members["text.npy"] = npy_bytes(text_encoder([text])[0][0].float().numpy())
+                        text = format_captions(cfg, [record.caption])
+                        members["text.npy"] = npy_bytes(text_encoder(text)[0][0].float().numpy())
                 writer.write(keys[position], members)
-        shards = writer.close({"kind": "latent", "codec": cfg.data.codec,
-                               "clip": [spec.frames, spec.height, spec.width]})
+        extra = {"kind": "latent", "codec": cfg.data.codec, "clip": [spec.frames, spec.height, spec.width]}
+        if codec is not None or text_encoder is not None:
+            extra["latents"] = latent_facts(cfg, latent_shape,
+                                            None if null_text is None else null_text.shape, frames)
+        shards = writer.close(extra)
     return {"shards": len(shards), "samples": sum(s["samples"] for s in shards)}
 
 
@@ -177,7 +197,8 @@ def main(argv=None) -> int:
         from megatron_starflow.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        result = pack_latents(records, args.out, args.shard_size, args.shard_bytes, cfg, args.backend, log)
+        result = pack_latents(records, args.out, args.shard_size, args.shard_bytes, cfg, args.backend, log,
+                              args.frames)
     else:
         codecs = {c.strip() for c in args.codecs.split(",") if c.strip()}
         result = pack_videos(records, args.out, args.shard_size, args.shard_bytes, args.check, codecs, log,

@@ -17,8 +17,9 @@ class Datasets:
 
 def make_datasets(cfg: Config) -> Datasets:
     """Synthetic captioned clips for both splits; with ``data.source=shards`` and
-    ``data.heldout_shards`` the held-out set is read from the shards. ``source=shards`` trains
-    from ``megatron_starflow.data.loader.build_train_iterator``, not from ``train``."""
+    ``data.heldout_shards`` the held-out set is read from the shards, with ``source=latent_shards``
+    it is the stored latents and text embeddings of ``data.heldout_shards``. Both shard sources
+    train from ``megatron_starflow.data.loader.build_train_iterator``, not from ``train``."""
     from megatron_starflow.data.synthetic import SyntheticCaptionedVideos
 
     d = cfg.data
@@ -27,6 +28,10 @@ def make_datasets(cfg: Config) -> Datasets:
         from megatron_starflow.data.loader import ShardClipDataset
 
         heldout = ShardClipDataset(cfg, d.heldout_shards, d.num_heldout_clips)
+    if d.source == "latent_shards":
+        from megatron_starflow.data.latent_shards import LatentShardDataset
+
+        heldout = LatentShardDataset(cfg, d.heldout_shards, d.num_heldout_clips)
     return Datasets(
         SyntheticCaptionedVideos("train", d.num_train_clips, d.frames, d.height, d.width),
         heldout,

@@ -4,10 +4,14 @@ A shard ``shard-000042.tar`` holds, per sample ``<key>``, consecutive members
 
 * video shards: ``<key>.<ext>`` (the encoded file as is: webm, mp4, ...), ``<key>.txt`` (caption),
   ``<key>.json`` (``codec``, ``fps``, ``frames``, ``width``, ``height``, ``source``);
-* latent shards: ``<key>.frames.npy`` (the decoded, resized, cropped uint8 clip ``[T, H, W, 3]``),
-  optionally ``<key>.latent.npy`` (codec latent, for codecs that are not lossless: the lossless
+* latent shards: ``<key>.frames.npy`` (the decoded, resized, cropped uint8 clip ``[T, H, W, 3]``;
+  left out with ``prepare_data.py --no-frames``), optionally ``<key>.latent.npy`` (the codec's
+  normalised latent ``[T', H', W', C]`` float32, for codecs that are not lossless: the lossless
   space-to-depth codec must see the pixels to draw fresh dequantisation noise each step) and
-  ``<key>.text.npy`` (frozen text encoder output), plus ``.txt`` and ``.json``.
+  ``<key>.text.npy`` (frozen text encoder output ``[L, width]`` of the formatted caption), plus
+  ``.txt`` and ``.json``. Once per shard set, ``null_text.npy`` holds the encoder output of the
+  empty caption (what caption dropout trains on), and ``shards.json`` states what the latents
+  and embeddings were made with (``data/latent_shards.py`` checks it against the run's config).
 
 Shards are written under a temporary name and renamed when complete, so a reader never sees a half
 written shard; ``shards.json`` lists the finished shards and their sample counts.
@@ -40,6 +44,7 @@ class ShardWriter:
         self._tar = None
         self._count = self._bytes = 0
         self._name = self._tmp = ""
+        self._closed = False
 
     def _open(self) -> None:
         self._name = os.path.join(self.out_dir, f"{self.prefix}-{len(self.shards):06d}.tar")
@@ -72,6 +77,11 @@ class ShardWriter:
         self._bytes += size
 
     def close(self, extra: dict | None = None) -> list[dict]:
+        """Finish the last shard and write ``shards.json`` (once: closing again, e.g. on leaving
+        the ``with`` block, keeps the manifest written with ``extra``)."""
+        if self._closed:
+            return self.shards
+        self._closed = True
         self._close_shard()
         manifest = {"shards": self.shards, "samples": sum(s["samples"] for s in self.shards),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
@@ -96,6 +106,31 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
+
+
+def write_npy(path: str, array: np.ndarray) -> None:
+    """Write ``array`` as ``.npy`` under a temporary name, then rename (never half written)."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial")
+    with open(tmp, "wb") as f:
+        f.write(npy_bytes(array))
+    os.replace(tmp, path)
+
+
+def read_manifests(spec: str) -> list[tuple[str, dict]]:
+    """``(folder, shards.json)`` of every folder that holds shards of ``spec`` (in order)."""
+    out, seen = [], set()
+    for path in list_shards(spec):
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder in seen:
+            continue
+        seen.add(folder)
+        manifest = os.path.join(folder, "shards.json")
+        if not os.path.isfile(manifest):
+            raise FileNotFoundError(f"{folder} has shards but no shards.json: shards made by "
+                                    f"tools/prepare_data.py carry one (it may still be running)")
+        with open(manifest) as f:
+            out.append((folder, json.load(f)))
+    return out
 
 
 def list_shards(spec: str) -> list[str]:

@@ -14,14 +14,18 @@ Per sample:
   3. decode just those frames with the chosen back end:
        * ``pyav``: FFmpeg through PyAV, reads every codec;
        * ``dali``: ``nvidia.dali.fn.decoders.video`` with per-sample ``frames=`` indices. On CPU it
-         decodes VP8, VP9 and MJPEG only (H.264/HEVC need the GPU decoder: ``device="mixed"``);
+         decodes VP8, VP9 and MJPEG only; when the caller's device is CUDA the GPU decoder
+         (``device="mixed"``, NVDEC) is used instead, which reads H.264/HEVC/AV1 as well;
        * ``auto``: DALI for the records whose codec DALI can decode on this device, PyAV for the
          rest (and PyAV again if DALI fails on a file, before calling it bad);
   4. resize (bilinear, antialiased, shorter side to cover the target) and centre / random crop to
      ``height x width``. Steps 2 and 4 are shared by both back ends, so they differ only in decoding.
 
-A sample that fails any step is skipped and recorded in a :class:`BadDataLog` with its path; the
-iterator raises :class:`BadDataError` once the bad fraction passes the limit.
+A sample that fails any step is skipped, recorded in a :class:`BadDataLog` with its path and
+replaced by the next sample of the rank's stride (a batch always has ``batch_size`` samples); the
+iterator raises :class:`BadDataError` once the bad fraction passes the limit. Latent shards
+(``tools/prepare_data.py --latents``) are read in ``mode="latents"``: stored codec latents and text
+embeddings, no decoding. ``num_workers > 0`` decodes in worker processes with the same order.
 """
 
 from __future__ import annotations
@@ -32,20 +36,22 @@ import math
 import os
 import tarfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from megatron_starflow.data.bad_data import (NO_CAPTION, TOO_SHORT, TRUNCATED, UNDECODABLE, ZERO_BYTE,
-                                             MISSING, BadDataLog, BadSample)
+from megatron_starflow.data.bad_data import (MISSING, NO_CAPTION, TOO_SHORT, TRUNCATED, UNDECODABLE,
+                                             ZERO_BYTE, BadDataError, BadDataLog, BadSample)
 from megatron_starflow.data.sampler import GlobalOrderSampler
 
 VIDEO_EXTENSIONS = (".webm", ".mp4", ".mkv", ".mov", ".avi", ".m4v")
 # What the CPU variant of DALI's video decoder reads (DALI 2.x, frames_decoder_cpu.cc).
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+# What DALI's GPU decoder (device="mixed", NVDEC) reads (DALI 2.x fn.decoders.video).
+DALI_GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mjpeg", "av1", "mpeg4"})
 BACKENDS = ("auto", "dali", "pyav")
 
 
@@ -58,7 +64,8 @@ class VideoRecord:
 
     ``path`` is a file, or a tar shard when ``offset``/``size`` locate a member inside it.
     ``kind`` is ``video`` (encoded container), ``frames`` (an ``.npy`` of already decoded uint8
-    frames of a latent shard) or ``missing``. ``meta`` may hold ``codec``, ``fps``, ``frames``,
+    frames of a latent shard), ``latent`` (a latent shard sample stored without its frames) or
+    ``missing``. ``meta`` may hold ``codec``, ``fps``, ``frames``,
     ``width``, ``height`` (from :func:`probe`, stored in shards) and ``latent``/``text`` member
     locations of latent shards.
     """
@@ -242,18 +249,35 @@ def dali_available() -> bool:
     return True
 
 
+def dali_device_for(device) -> tuple[str, int | None]:
+    """DALI's decoder placement for the process's compute device (``parallel/device.py``'s one
+    decision, passed down by the caller): the GPU decoder (``"mixed"``: NVDEC, reads H.264/HEVC
+    too) on the device's GPU when it is CUDA, else the CPU decoder."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        return "mixed", (device.index if device.index is not None else 0)
+    return "cpu", None
+
+
 class DaliDecoder:
     """``nvidia.dali.fn.decoders.video`` fed encoded bytes + per-sample frame indices.
 
-    A DALI pipeline is invalid after any error, so a failed batch is rebuilt and retried one sample
-    at a time; a sample that fails alone is reported to the caller."""
+    ``device="cpu"`` runs DALI's CPU decoder (VP8/VP9/MJPEG in the pip wheel); ``"mixed"`` parses
+    on the CPU and decodes on GPU ``device_id`` with NVDEC (every codec of
+    :data:`DALI_GPU_CODECS`), handing back host arrays. A DALI pipeline is invalid after any
+    error, so a failed batch is rebuilt and retried one sample at a time; a sample that fails
+    alone is reported to the caller."""
 
-    def __init__(self, max_batch: int = 8, threads: int = 2, device: str = "cpu"):
+    def __init__(self, max_batch: int = 8, threads: int = 2, device: str = "cpu",
+                 device_id: int | None = None):
         if not dali_available():
             raise RuntimeError("data.video_backend=dali but nvidia-dali is not installed; "
                                "pip install nvidia-dali-cuda130, or use video_backend=pyav")
+        if device not in ("cpu", "mixed"):
+            raise ValueError(f"DALI decoder device {device!r}; valid: cpu, mixed")
         self.max_batch, self.threads, self.device = int(max_batch), int(threads), device
-        self.codecs = DALI_CPU_CODECS if device == "cpu" else None  # None: every NVDEC codec
+        self.device_id = None if device == "cpu" else int(device_id or 0)
+        self.codecs = DALI_CPU_CODECS if device == "cpu" else DALI_GPU_CODECS
         self._pipe = None
         self._lock = threading.Lock()
 
@@ -263,8 +287,7 @@ class DaliDecoder:
         from nvidia.dali import fn, pipeline_def, types
 
         @pipeline_def(batch_size=self.max_batch, num_threads=self.threads,
-                      device_id=None if self.device == "cpu" else 0, prefetch_queue_depth=1,
-                      exec_dynamic=True)
+                      device_id=self.device_id, prefetch_queue_depth=1, exec_dynamic=True)
         def pipe():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
@@ -276,7 +299,7 @@ class DaliDecoder:
             self._pipe.build()
 
     def can_decode(self, codec: str | None) -> bool:
-        return self.codecs is None or (codec or "") in self.codecs
+        return (codec or "") in self.codecs
 
     def _run(self, data: list[bytes], indices: list[np.ndarray]) -> list[np.ndarray]:
         if self._pipe is None:
@@ -317,53 +340,81 @@ class DaliDecoder:
 
 
 # --------------------------------------------------------------------------------------------
-# the iterator
+# decoding a list of samples (in this process or in a worker process)
 # --------------------------------------------------------------------------------------------
 def _sample_rng(seed: int, position: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(position), 0xC11B]))
 
 
-class VideoClipIterator:
-    """Resumable iterator of ``(clip uint8 [T, H, W, 3], caption)`` over ``records``.
+MODES = ("clips", "latents")
 
-    ``state_dict()``/``load_state_dict()`` save and restore the position exactly (see
-    :class:`GlobalOrderSampler`: the state is the number of globally consumed samples, valid for any
-    DP size) together with the bad-data counters. ``iter(it)`` yields samples, :meth:`next_batch`
-    yields the next step's batch of this rank (bad samples dropped, so a batch may be smaller;
-    a step whose samples are all bad moves on to the next step's window).
-    """
 
-    def __init__(self, records: list[VideoRecord], spec: ClipSpec, backend: str = "auto", seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1, batch_size: int = 1, shuffle: bool = True,
-                 bad_log: BadDataLog | None = None, shard_sizes: list[int] | None = None,
-                 num_workers: int = 0, dali_device: str = "cpu"):
-        if backend not in BACKENDS:
-            raise ValueError(f"video backend {backend!r}; valid: {', '.join(BACKENDS)}")
-        if not records:
-            raise ValueError("no video records to iterate over")
-        self.records, self.spec, self.backend = records, spec, backend
-        self.seed, self.batch_size = int(seed), int(batch_size)
-        self.sampler = GlobalOrderSampler(len(records), seed, dp_rank, dp_size, shard_sizes, shuffle)
-        self.bad = bad_log or BadDataLog()
+@dataclass
+class DecodeSettings:
+    """Everything a decoder needs besides the records (picklable: sent to worker processes).
+
+    ``mode="clips"``: decode the video (or read the pre-decoded ``frames.npy``) of each record;
+    ``mode="latents"``: read the ``latent.npy`` and ``text.npy`` members of latent shards (no
+    decoding; ``latent_shape``/``text_shape`` when given are checked per sample)."""
+
+    spec: ClipSpec
+    backend: str = "auto"
+    seed: int = 0
+    dali_device: str = "cpu"
+    dali_device_id: int | None = None
+    max_batch: int = 8
+    mode: str = "clips"
+    latent_shape: tuple | None = None
+    text_shape: tuple | None = None
+
+
+def _load_npy(data: bytes, what: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged member is one bad sample
+        raise BadSample(TRUNCATED if data else ZERO_BYTE, f"{what}: {exc}") from None
+
+
+class ClipDecoder:
+    """Decodes ``[(position, sample index)]`` of ``records`` into clips (or latents): per sample
+    the result or the :class:`BadSample` it raised, and which path produced it."""
+
+    def __init__(self, records: list[VideoRecord], settings: DecodeSettings):
+        s = settings
+        if s.backend not in BACKENDS:
+            raise ValueError(f"video backend {s.backend!r}; valid: {', '.join(BACKENDS)}")
+        if s.mode not in MODES:
+            raise ValueError(f"decode mode {s.mode!r}; valid: {', '.join(MODES)}")
+        self.records, self.settings, self.spec = records, s, s.spec
         self._dali = None
-        if backend == "dali" or (backend == "auto" and dali_available()):
-            self._dali = DaliDecoder(max_batch=max(1, batch_size), device=dali_device)
-        self._pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
-        self.decoded_by = {"dali": 0, "pyav": 0, "frames": 0}
+        if s.mode == "clips" and (s.backend == "dali" or (s.backend == "auto" and dali_available())):
+            self._dali = DaliDecoder(max_batch=max(1, s.max_batch), device=s.dali_device,
+                                     device_id=s.dali_device_id)
 
     # -- per sample ----------------------------------------------------------------------------
-    def _prepare(self, record: VideoRecord, position: int):
-        """Checks and frame indices -> (bytes, indices, rng); raises BadSample."""
+    def _check_record(self, record: VideoRecord) -> None:
         if not record.caption or not record.caption.strip():
             raise BadSample(NO_CAPTION, "no caption")
+        if self.settings.mode == "latents":
+            missing = [m for m in ("latent", "text") if m not in record.meta.get("members", {})]
+            if missing:
+                raise BadSample(MISSING, f"latent shard sample without {', '.join(m + '.npy' for m in missing)}")
+            return
         if record.kind == "missing":
             raise BadSample(MISSING, "video member or file is missing")
+        if record.kind == "latent":
+            raise BadSample(MISSING, "latent shard sample stored without frames.npy: train from it "
+                                     "with data.source=latent_shards")
         if record.size == 0 or (record.offset < 0 and os.path.getsize(record.path) == 0):
             raise BadSample(ZERO_BYTE, "zero-byte file")
+
+    def _prepare(self, record: VideoRecord, position: int):
+        """Checks and frame indices -> (bytes, indices, rng); raises BadSample."""
+        self._check_record(record)
         data = record.read_bytes()
         if len(data) == 0:
             raise BadSample(ZERO_BYTE, "zero-byte file")
-        rng = _sample_rng(self.seed, position)
+        rng = _sample_rng(self.settings.seed, position)
         if record.kind == "frames":
             return data, None, rng
         meta = record.meta
@@ -378,94 +429,237 @@ class VideoClipIterator:
     def _use_dali(self, record: VideoRecord) -> bool:
         if self._dali is None or record.kind != "video":
             return False
-        return self.backend == "dali" or self._dali.can_decode(record.meta.get("codec"))
+        return self.settings.backend == "dali" or self._dali.can_decode(record.meta.get("codec"))
 
     def _finish(self, frames: np.ndarray, rng) -> np.ndarray:
         return resize_crop(frames, self.spec, rng)
 
     def _decode_frames_npy(self, data: bytes, rng) -> np.ndarray:
-        clip = np.load(io.BytesIO(data), allow_pickle=False)
+        clip = _load_npy(data, "frames.npy")
         if clip.ndim != 4 or clip.shape[0] < self.spec.frames or clip.dtype != np.uint8:
             raise BadSample(TOO_SHORT if clip.ndim == 4 else UNDECODABLE,
                             f"pre-decoded clip has shape {clip.shape} {clip.dtype}")
         return self._finish(clip[: self.spec.frames], rng)
 
-    def decode(self, items: list[tuple[int, int]]) -> list[tuple[int, VideoRecord, object]]:
-        """``[(position, sample index)]`` -> ``[(position, record, clip or BadSample)]``."""
-        prepared, out = [], []
-        for position, index in items:
+    def _read_latents(self, record: VideoRecord) -> dict:
+        s = self.settings
+        out = {}
+        for name, want in (("latent", s.latent_shape), ("text", s.text_shape)):
+            array = _load_npy(record.read_member(name), f"{name}.npy")
+            if want is not None and tuple(array.shape) != tuple(want):
+                raise BadSample(UNDECODABLE, f"{name}.npy has shape {tuple(array.shape)}, the run "
+                                             f"expects {tuple(want)}")
+            if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+                raise BadSample(UNDECODABLE, f"{name}.npy is not finite floating point ({array.dtype})")
+            out[name] = array
+        return out
+
+    # -- a list of samples ---------------------------------------------------------------------
+    def decode(self, items: list[tuple[int, int]]) -> list[tuple[int, int, object, str]]:
+        """``[(position, sample index)]`` -> ``[(position, index, clip | latents | BadSample,
+        path)]`` in the order of ``items``; path is dali | pyav | frames | latents ("" if bad)."""
+        out: dict[int, tuple] = {}
+        if self.settings.mode == "latents":
+            for k, (position, index) in enumerate(items):
+                record = self.records[index]
+                try:
+                    self._check_record(record)
+                    out[k] = (position, index, self._read_latents(record), "latents")
+                except BadSample as bad:
+                    out[k] = (position, index, bad, "")
+            return [out[k] for k in range(len(items))]
+        prepared = []
+        for k, (position, index) in enumerate(items):
             record = self.records[index]
             try:
-                prepared.append((position, record, *self._prepare(record, position)))
+                prepared.append((k, position, index, *self._prepare(record, position)))
             except BadSample as bad:
-                out.append((position, record, bad))
-        if self.backend == "dali":  # a codec this device's DALI cannot read: say so, do not try
+                out[k] = (position, index, bad, "")
+        if self.settings.backend == "dali":  # a codec this device's DALI cannot read: say so
             keep = []
             for p in prepared:
-                codec = p[1].meta.get("codec")
-                if p[1].kind == "video" and codec and not self._dali.can_decode(codec):
-                    out.append((p[0], p[1], BadSample(UNDECODABLE, f"DALI ({self._dali.device}) cannot "
-                                                      f"decode {codec}; use video_backend=auto or pyav")))
+                record = self.records[p[2]]
+                codec = record.meta.get("codec")
+                if record.kind == "video" and codec and not self._dali.can_decode(codec):
+                    out[p[0]] = (p[1], p[2], BadSample(UNDECODABLE, f"DALI ({self._dali.device}) cannot "
+                                                       f"decode {codec}; use video_backend=auto or pyav"), "")
                 else:
                     keep.append(p)
             prepared = keep
-        dali_jobs = [p for p in prepared if self._use_dali(p[1])]
+        dali_jobs = [p for p in prepared if self._use_dali(self.records[p[2]])]
+        fallback = []
         if dali_jobs:
-            results = self._dali.decode_batch([p[2] for p in dali_jobs], [p[3] for p in dali_jobs])
-            for (position, record, data, idx, rng), res in zip(dali_jobs, results):
-                if isinstance(res, BadSample) and self.backend == "auto":
-                    prepared.append((position, record, data, idx, rng, "fallback"))
-                    continue
-                if not isinstance(res, BadSample):
-                    self.decoded_by["dali"] += 1
-                    res = self._finish(res, rng)
-                out.append((position, record, res))
-        rest = [p for p in prepared if not self._use_dali(p[1]) or len(p) == 6]
-
-        def work(p):
-            position, record, data, idx, rng = p[:5]
+            results = self._dali.decode_batch([p[3] for p in dali_jobs], [p[4] for p in dali_jobs])
+            for (k, position, index, data, idx, rng), res in zip(dali_jobs, results):
+                if isinstance(res, BadSample):
+                    if self.settings.backend == "auto":  # PyAV gets a go before it is called bad
+                        fallback.append((k, position, index, data, idx, rng))
+                    else:
+                        out[k] = (position, index, res, "")
+                else:
+                    out[k] = (position, index, self._finish(res, rng), "dali")
+        rest = [p for p in prepared if not self._use_dali(self.records[p[2]])] + fallback
+        for k, position, index, data, idx, rng in rest:
+            record = self.records[index]
             try:
                 if record.kind == "frames":
-                    clip = self._decode_frames_npy(data, rng)
-                    self.decoded_by["frames"] += 1
+                    out[k] = (position, index, self._decode_frames_npy(data, rng), "frames")
                 else:
-                    clip = self._finish(decode_pyav(data, idx, int(record.meta.get("frames", 0))), rng)
-                    self.decoded_by["pyav"] += 1
-                return position, record, clip
+                    clip = decode_pyav(data, idx, int(record.meta.get("frames", 0)))
+                    out[k] = (position, index, self._finish(clip, rng), "pyav")
             except BadSample as bad:
-                return position, record, bad
+                out[k] = (position, index, bad, "")
+        return [out[k] for k in range(len(items))]
 
-        out.extend(self._pool.map(work, rest) if self._pool is not None and len(rest) > 1
-                   else map(work, rest))
-        out.sort(key=lambda r: r[0])
+
+# A worker process's decoder (``data.num_workers > 0``): built once by the pool's initializer.
+_WORKER_DECODER: ClipDecoder | None = None
+
+
+def _init_worker(records: list[VideoRecord], settings: DecodeSettings) -> None:
+    global _WORKER_DECODER
+    torch.set_num_threads(1)  # the workers are the parallelism
+    _WORKER_DECODER = ClipDecoder(records, settings)
+
+
+def _worker_decode(items: list[tuple[int, int]]) -> list[tuple[int, int, object, str]]:
+    return _WORKER_DECODER.decode(items)
+
+
+# --------------------------------------------------------------------------------------------
+# the iterator
+# --------------------------------------------------------------------------------------------
+class VideoClipIterator:
+    """Resumable batches of this rank: ``batch_size`` good samples per :meth:`next_batch`.
+
+    Order and position: :class:`GlobalOrderSampler` (its docstring). Each rank reads the slots of
+    its own stride of the global order; a bad sample is skipped, counted and logged in the
+    :class:`BadDataLog`, and replaced by the next slot of the stride, so every batch has exactly
+    ``batch_size`` samples (the global batch, the loss scale and the meaning of the learning rate
+    stay fixed). ``state_dict()`` is this rank's part of the position (``sampler.merge_states``
+    of every DP rank's part resumes with any DP size; the same DP size continues exactly).
+
+    ``num_workers > 0`` decodes in that many worker processes (spawned), reading ahead up to
+    ``prefetch`` chunks per worker along this rank's stride. A rank's slots do not depend on any
+    other rank, and results are consumed in slot order, so the batches are identical to
+    ``num_workers=0``; a resume drops what was read ahead and starts again at the saved slot.
+
+    ``device`` is the process's compute device (``parallel/device.py``): CUDA selects DALI's GPU
+    decoder. ``mode="latents"`` reads stored latents and text embeddings instead of decoding
+    (``data.source=latent_shards``); ``constants`` are added to every batch (e.g. the stored
+    caption-dropout embedding).
+    """
+
+    def __init__(self, records: list[VideoRecord], spec: ClipSpec, backend: str = "auto", seed: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1, batch_size: int = 1, shuffle: bool = True,
+                 bad_log: BadDataLog | None = None, shard_sizes: list[int] | None = None,
+                 num_workers: int = 0, device=None, mode: str = "clips", prefetch: int = 2,
+                 latent_shape: tuple | None = None, text_shape: tuple | None = None,
+                 constants: dict | None = None):
+        if not records:
+            raise ValueError("no video records to iterate over")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        dali_device, dali_id = dali_device_for(device)
+        self.settings = DecodeSettings(spec, backend, int(seed), dali_device, dali_id,
+                                       max(1, int(batch_size)), mode, latent_shape, text_shape)
+        self.records, self.spec, self.backend, self.mode = records, spec, backend, mode
+        self.seed, self.batch_size = int(seed), int(batch_size)
+        self.sampler = GlobalOrderSampler(len(records), seed, dp_rank, dp_size, shard_sizes, shuffle)
+        self.bad = bad_log or BadDataLog()
+        self.decoder = ClipDecoder(records, self.settings) if num_workers == 0 else None
+        self.num_workers, self.prefetch = int(num_workers), max(1, int(prefetch))
+        self.constants = dict(constants or {})
+        self.decoded_by = {"dali": 0, "pyav": 0, "frames": 0, "latents": 0}
+        self._pool = None
+        self._reset_readahead()
+
+    # -- reading ahead along the stride --------------------------------------------------------
+    def _reset_readahead(self) -> None:
+        if getattr(self, "_pending", None):
+            for future in self._pending:
+                future.cancel()
+        self._pending: deque = deque()  # futures of submitted chunks, in slot order
+        self._buffer: deque = deque()  # decoded slots not yet consumed, in slot order
+        self._next_slot = self.sampler.scanned  # first slot not submitted yet
+
+    def _chunk_items(self) -> list[tuple[int, int]]:
+        lo = self._next_slot
+        self._next_slot += self.batch_size
+        positions = [self.sampler.slot_position(j) for j in range(lo, self._next_slot)]
+        return [(p, self.sampler.sample_at(p)) for p in positions]
+
+    def _executor(self):
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.num_workers, multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker,
+                                             initargs=(self.records, self.settings))
+        return self._pool
+
+    def _fill(self) -> None:
+        """Decode (or collect) the next chunk of slots into the buffer."""
+        if self.num_workers == 0:
+            self._buffer.extend(self.decoder.decode(self._chunk_items()))
+            return
+        pool = self._executor()
+        while len(self._pending) < self.num_workers * self.prefetch:
+            self._pending.append(pool.submit(_worker_decode, self._chunk_items()))
+        self._buffer.extend(self._pending.popleft().result())
+
+    def _take(self, count: int) -> list[tuple[int, int, object, str]]:
+        """The next ``count`` slots of this rank's stride, decoded; marks them used."""
+        while len(self._buffer) < count:
+            self._fill()
+        out = [self._buffer.popleft() for _ in range(count)]
+        self.sampler.scanned += count
+        return out
+
+    def decode(self, items: list[tuple[int, int]]) -> list[tuple[int, VideoRecord, object]]:
+        """``[(position, sample index)]`` -> ``[(position, record, clip or BadSample)]``, in this
+        process (evaluation and tools; not the training order)."""
+        decoder = self.decoder or ClipDecoder(self.records, self.settings)
+        out = []
+        for position, index, res, how in decoder.decode(items):
+            if how:
+                self.decoded_by[how] += 1
+            out.append((position, self.records[index], res))
         return out
 
     # -- batches -------------------------------------------------------------------------------
     def next_batch(self) -> dict:
-        """The next non-empty batch of this rank: ``{"video": uint8 [B', T, H, W, 3], "caption",
-        "key", "position", "epoch", ...}`` (+ ``latent``/``text`` of latent shards)."""
-        while True:
-            epoch = self.sampler.epoch
-            decoded = self.decode(self.sampler.next_batch(self.batch_size))
-            good = []
-            for position, record, res in decoded:
+        """This rank's next batch of exactly ``batch_size`` good samples: ``{"video": uint8
+        [B, T, H, W, 3]`` (clips) or ``"latent"``, ``"text"`` (latents), ``"caption", "key",
+        "position", "epoch"`` and the constants}."""
+        epoch = self.sampler.epoch
+        good, bad_run = [], 0
+        while len(good) < self.batch_size:
+            for position, index, res, how in self._take(self.batch_size - len(good)):
+                record = self.records[index]
                 if isinstance(res, BadSample):
-                    self.bad.skip(record.where, res.kind, str(res), key=record.key)
-                else:
-                    self.bad.ok()
-                    good.append((position, record, res))
+                    self.bad.skip(record.where, res.kind, str(res), key=record.key, position=position)
+                    bad_run += 1
+                    continue
+                self.bad.ok()
+                self.decoded_by[how] += 1
+                good.append((position, record, res))
+                bad_run = 0
             self.bad.check()
-            if good:
-                batch = {"video": torch.from_numpy(np.stack([g[2] for g in good])),
-                         "caption": [g[1].caption for g in good],
-                         "key": [g[1].key for g in good],
-                         "position": [g[0] for g in good],
-                         "epoch": epoch}
-                for extra in ("latent", "text"):
-                    if all(extra in g[1].meta.get("members", {}) for g in good):
-                        batch[extra] = torch.stack([torch.from_numpy(np.load(
-                            io.BytesIO(g[1].read_member(extra)), allow_pickle=False)) for g in good])
-                return batch
+            if bad_run > self.sampler.num_samples:
+                raise BadDataError(f"no readable sample in {bad_run} consecutive slots (more than the "
+                                   f"{self.sampler.num_samples} samples of the data set); every skip "
+                                   f"is listed in {self.bad.path or 'the bad-data log'}")
+        batch = {"caption": [g[1].caption for g in good], "key": [g[1].key for g in good],
+                 "position": [g[0] for g in good], "epoch": epoch}
+        if self.mode == "latents":
+            for name in ("latent", "text"):
+                batch[name] = torch.from_numpy(np.stack([g[2][name] for g in good]))
+        else:
+            batch["video"] = torch.from_numpy(np.stack([g[2] for g in good]))
+        batch.update(self.constants)
+        return batch
 
     def batches(self) -> Iterator[tuple[int, dict]]:
         """Endless ``(epoch, batch)`` pairs, the shape of the training loop's synthetic batches."""
@@ -480,11 +674,35 @@ class VideoClipIterator:
                 yield clip, caption
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "bad_data": self.bad.state_dict()}
+        """This rank's position and bad-data counters (merge every DP rank's with
+        ``sampler.merge_states`` for a checkpoint)."""
+        return {"sampler": self.sampler.state_dict(),
+                "bad_data": {**self.bad.state_dict(), "dp_rank": self.sampler.dp_rank}}
 
     def load_state_dict(self, state: dict) -> None:
+        exact = self.sampler.restores_exactly(state["sampler"])
         self.sampler.load_state_dict(state["sampler"])
-        self.bad.load_state_dict(state.get("bad_data", {}))
+        bad = state.get("bad_data", {})
+        if "per_rank" in bad:  # a merged state: this rank's own counters, or all of them on rank 0
+            own = bad["per_rank"].get(str(self.sampler.dp_rank))
+            if exact and own is not None:
+                bad = own
+            elif self.sampler.dp_rank != 0:
+                bad = {}
+        self.bad.load_state_dict(bad)
+        self._reset_readahead()
+
+    def close(self) -> None:
+        """Stop the worker processes (if any)."""
+        self._reset_readahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,6 +787,8 @@ def records_from_tar(path: str) -> list[VideoRecord]:
                 meta["members"]["text"] = members["text.npy"]
             if "frames.npy" in members:
                 kind, loc = "frames", members["frames.npy"]
+            elif "latent.npy" in members:
+                kind, loc = "latent", members["latent.npy"]
             else:
                 video = [e for e in members if "." + e in VIDEO_EXTENSIONS]
                 kind, loc = ("video", members[video[0]]) if video else ("missing", (-1, -1))

@@ -66,31 +66,60 @@ def make_text_encoder(cfg: Config, run_dir: str) -> TextEncoder:
 
 
 class StarFlowSystem(nn.Module):
-    """Model + text encoder + codec: videos and captions in, tokens, text embeddings, videos out."""
+    """Model + text encoder + codec: videos and captions in, tokens, text embeddings, videos out.
 
-    def __init__(self, cfg: Config, run_dir: str):
+    ``with_codec=False`` / ``with_text_encoder=False`` build the system without them (training
+    and evaluating from stored latents and text embeddings, ``data.source=latent_shards``):
+    ``codec`` / ``text_encoder`` are then None, and the batch helpers take the stored tensors."""
+
+    def __init__(self, cfg: Config, run_dir: str, with_codec: bool = True,
+                 with_text_encoder: bool = True):
         super().__init__()
         self.cfg = cfg
         self.model = StarFlowV(cfg.model, parallel=cfg.parallel)
-        self.text_encoder = make_text_encoder(cfg, run_dir)
-        self.codec = make_codec(cfg)
+        self.text_encoder = make_text_encoder(cfg, run_dir) if with_text_encoder else None
+        self.codec = make_codec(cfg) if with_codec else None
+
+    @property
+    def text_trainable(self) -> bool:
+        return self.text_encoder is not None and self.text_encoder.trainable
 
     def trainable_state_dict(self) -> dict:
         """What a checkpoint must hold: the flow (+ denoiser) and a trainable text encoder."""
         state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        if self.text_encoder.trainable:
+        if self.text_trainable:
             state.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
         return state
 
     def load_trainable_state_dict(self, state: dict) -> None:
         self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
-        if self.text_encoder.trainable:
+        if self.text_trainable:
             self.text_encoder.load_state_dict(
                 {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
 
+    def _missing(self, what: str) -> RuntimeError:
+        return RuntimeError(f"this system was built without its {what} (data.source=latent_shards "
+                            f"reads stored latents and text embeddings); build StarFlowSystem with "
+                            f"the {what} to encode videos or captions")
+
     def encode_text(self, captions: list[str]) -> torch.Tensor:
+        if self.text_encoder is None:
+            raise self._missing("text encoder")
         emb, _ = self.text_encoder(format_captions(self.cfg, captions))
         return emb.to(self.dtype)
+
+    def batch_text(self, batch: dict) -> torch.Tensor:
+        """Text embeddings of a batch: its stored ``text`` (latent shards) or its encoded captions."""
+        if "text" in batch:
+            return batch["text"].to(device=self.device, dtype=self.dtype)
+        return self.encode_text(batch["caption"])
+
+    def batch_tokens(self, batch: dict, dequantize: bool = True,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Model tokens of a batch: from its stored codec ``latent`` or by encoding its ``video``."""
+        if "latent" in batch:
+            return self.latent_to_tokens(batch["latent"])
+        return self.video_to_tokens(batch["video"], dequantize=dequantize, generator=generator)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,9 +140,19 @@ class StarFlowSystem(nn.Module):
                         generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 ``[B, T, H, W, 3]`` (any device) -> model tokens ``[B, T', h, w, C']`` on the
         system's device."""
+        if self.codec is None:
+            raise self._missing("codec")
         video = video.to(self.device)
         kwargs = {"generator": generator, "dequantize": dequantize} if self.cfg.data.codec == "s2d" else {}
         latent = self._scale_later_frames(self.codec.encode(video, **kwargs), self.cfg.data.later_frames_scale)
+        return patchify(latent.to(self.token_dtype), self.cfg.model.patch_size)
+
+    def latent_to_tokens(self, latent: torch.Tensor) -> torch.Tensor:
+        """A stored, normalised codec latent ``[B, T', H', W', C]`` (what ``codec.encode`` returns)
+        -> model tokens on the system's device: the same later-frame scaling and patchify as
+        :meth:`video_to_tokens`, without the codec."""
+        latent = self._scale_later_frames(latent.to(device=self.device, dtype=torch.float32),
+                                          self.cfg.data.later_frames_scale)
         return patchify(latent.to(self.token_dtype), self.cfg.model.patch_size)
 
     @staticmethod
@@ -127,6 +166,8 @@ class StarFlowSystem(nn.Module):
 
     def tokens_to_video_float(self, tokens: torch.Tensor) -> torch.Tensor:
         """Model tokens -> float video ``[B, T, H, W, 3]`` in [-1, 1]."""
+        if self.codec is None:
+            raise self._missing("codec")
         latent = unpatchify(tokens, self.cfg.model.patch_size).float()
         latent = self._scale_later_frames(latent, 1.0 / self.cfg.data.later_frames_scale)
         return self.codec.decode(latent).clamp(-1, 1)

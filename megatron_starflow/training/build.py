@@ -25,10 +25,12 @@ def prepare_tokenizer(cfg: Config, run_dir: str, layout: ProcessLayout) -> str |
 
 def system_on_device(cfg: Config, run_dir: str, device: torch.device, dtype: torch.dtype):
     """The system with its trainable parts in ``dtype`` (bf16 parameters under
-    ``train.dtype=bfloat16``: fp32 master weights live in the optimizer), all on ``device``."""
+    ``train.dtype=bfloat16``: fp32 master weights live in the optimizer), all on ``device``.
+    ``data.source=latent_shards`` builds neither the codec nor the text encoder."""
     from megatron_starflow.models.system import StarFlowSystem
 
-    system = StarFlowSystem(cfg, run_dir)
+    stored = cfg.data.source == "latent_shards"  # latents and text embeddings come from the shards
+    system = StarFlowSystem(cfg, run_dir, with_codec=not stored, with_text_encoder=not stored)
     return system.to(device=device, dtype=dtype)
 
 
@@ -60,7 +62,7 @@ def named_param_groups(system, layout: ProcessLayout) -> list[dict]:
         if not p.requires_grad:
             continue
         (den if name.startswith("learnable_self_denoiser.") else flow).append((f"model.{name}", p))
-    if system.text_encoder.trainable and layout.first_stage:
+    if system.text_trainable and layout.first_stage:
         flow += [(f"text_encoder.{n}", p) for n, p in system.text_encoder.named_parameters()
                  if p.requires_grad]
     groups = [{"name": "flow", "params": flow}]
@@ -83,11 +85,12 @@ def datasets(cfg: Config):
 
 def train_loader(cfg: Config, run_dir: str, data, layout: ProcessLayout):
     """Batches of this rank's data-parallel replica (every TP, PP and CP rank of a replica reads
-    the same batch); the position is the number of globally consumed samples."""
-    if cfg.data.source == "shards":
+    the same batch), ``data.batch_size`` samples each; the position is in ``data/sampler.py``."""
+    if cfg.data.source in ("shards", "latent_shards"):
         from megatron_starflow.data.loader import build_train_iterator
 
-        return build_train_iterator(cfg, run_dir, layout.dp_rank, layout.dp_size)
+        return build_train_iterator(cfg, run_dir, layout.dp_rank, layout.dp_size,
+                                    device=layout.device)
     from megatron_starflow.data.synthetic_loader import SyntheticBatchIterator
 
     return SyntheticBatchIterator(data.train, cfg.data.batch_size, cfg.train.seed, layout.dp_rank,

@@ -30,8 +30,8 @@ def evaluate_heldout(system, step_runner, dataset, cfg: Config, layout: ProcessL
     total, count = 0.0, 0
     for start in range(0, n, batch_size):
         batch = collate([dataset[i] for i in range(start, min(n, start + batch_size))])
-        text = system.encode_text(batch["caption"])
-        clean = system.video_to_tokens(batch["video"], dequantize=False)
+        text = system.batch_text(batch)
+        clean = system.batch_tokens(batch, dequantize=False)
         nll = step_runner.nll(add_noise(clean, cfg.model.noise_std, gen), text)
         if nll is not None:
             total += float(nll.double().sum())

@@ -16,16 +16,29 @@ def sample_generator(seed: int, position: int, device: torch.device) -> torch.Ge
 
 
 def replica_inputs(system, batch: dict, caption_dropout: float, sigma: float, seed: int,
-                   device: torch.device) -> tuple[torch.Tensor, list[str]]:
-    """(noisy tokens ``[B, T, h, w, C]`` on ``device``, captions after dropout) of one replica's
-    batch (``batch["position"]``: the global positions of its samples)."""
-    noisy, captions = [], []
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy tokens ``[B, T, h, w, C]``, text embeddings ``[B, L, width]``) on ``device`` of one
+    replica's batch (``batch["position"]``: the global positions of its samples).
+
+    A batch of decoded clips is encoded by the system's codec and its captions (``""`` where
+    dropped) by its text encoder. A batch of latent shards (``"latent"``, ``"text"`` and the
+    stored ``"null_text"``) takes the same draws from the same generator: the stored latent
+    stands in for the codec's output and the null-caption embedding for the encoder's output of
+    ``""``, so both sources train on the same inputs."""
+    noisy, captions, texts = [], [], []
+    stored = "latent" in batch
     for i, position in enumerate(batch["position"]):
         gen = sample_generator(seed, position, device)
-        dropped = bool(torch.rand(1, generator=gen, device=device).item() < caption_dropout)
-        captions.append("" if dropped else batch["caption"][i])
-        video = batch["video"][i:i + 1].to(device)
-        tokens = system.video_to_tokens(video, dequantize=True, generator=gen)
-        eps = torch.randn(tokens.shape, generator=gen, device=device, dtype=tokens.dtype)
-        noisy.append(tokens + sigma * eps)
-    return torch.cat(noisy), captions
+        dropped = bool(torch.rand(1, generator=gen, device=gen.device).item() < caption_dropout)
+        if stored:
+            texts.append(batch["null_text"] if dropped else batch["text"][i])
+            tokens = system.latent_to_tokens(batch["latent"][i:i + 1])
+        else:
+            captions.append("" if dropped else batch["caption"][i])
+            video = batch["video"][i:i + 1].to(device)
+            tokens = system.video_to_tokens(video, dequantize=True, generator=gen)
+        eps = torch.randn(tokens.shape, generator=gen, device=gen.device, dtype=tokens.dtype)
+        noisy.append(tokens + sigma * eps.to(device))
+    if stored:
+        return torch.cat(noisy), system.batch_text({"text": torch.stack(texts)})
+    return torch.cat(noisy), system.encode_text(captions)

@@ -1,8 +1,8 @@
 """What a resumed run needs besides weights and optimizer state, split by who owns it.
 
-* ``global_state``: the step, the skip guard and the data position (the number of globally
-  consumed samples; ``data/sampler.py``) — equal on every rank, stored once in the checkpoint's
-  meta.json. The noise of a sample is a function of its position (``training/sample_noise.py``),
+* ``global_state``: the step, the skip guard and the data position (``data/sampler.py``: every
+  data-parallel rank's place in its stride of the global order, gathered from the DP ranks, plus
+  the bad-data counters) — equal on every rank, stored once in the checkpoint's meta.json. The noise of a sample is a function of its position (``training/sample_noise.py``),
   so the data position also fixes every random input of the remaining steps, for any layout.
 * ``rank_state``: this rank's other random streams (torch's default generator, the CUDA generator
   of its device, megatron's RNG tracker) and its coordinates — stored per rank and restored when
@@ -39,8 +39,21 @@ class TrainState:
         self.step = 0
 
     def global_state(self) -> dict:
-        return {"step": self.step, "guard": self.guard.state_dict(), "data": self.loader.state_dict(),
+        """Collective over the data-parallel group (every rank calls it when saving)."""
+        return {"step": self.step, "guard": self.guard.state_dict(), "data": self.data_state(),
                 "parallel": self.layout.describe()}
+
+    def data_state(self) -> dict:
+        """Every DP rank's loader state merged (a rank that met bad samples has read further along
+        its stride than the others: ``data/sampler.py``)."""
+        from megatron_starflow.data.sampler import merge_states
+
+        state, lay = self.loader.state_dict(), self.layout
+        states = [state]
+        if lay.dp_size > 1:
+            states = [None] * lay.dp_size
+            torch.distributed.all_gather_object(states, state, group=lay.dp_group)
+        return merge_states(states)
 
     def rank_state(self) -> dict:
         lay = self.layout

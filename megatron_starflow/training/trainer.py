@@ -93,9 +93,9 @@ class Trainer:
 
         epoch, batch = next(self._batches)
         cfg = self.cfg
-        noisy, captions = replica_inputs(self.system, batch, cfg.text.caption_dropout,
-                                         cfg.model.noise_std, cfg.train.seed, self.device)
-        return noisy, self.system.encode_text(captions), epoch
+        noisy, text = replica_inputs(self.system, batch, cfg.text.caption_dropout,
+                                     cfg.model.noise_std, cfg.train.seed, self.device)
+        return noisy, text, epoch
 
     def train_step(self, step: int) -> dict:
         cfg, tr, lay = self.cfg, self.cfg.train, self.layout
