@@ -287,7 +287,9 @@ def _apply(cfg: Config, section: str, values: dict, origin: str) -> None:
     target = getattr(cfg, section)
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key {section}.{key} (from {origin}); "
+            hint = (" (a config.json from another version of megatron_starflow: delete the key "
+                    "to load it with this version's defaults)" if origin == "saved config" else "")
+            raise ConfigError(f"unknown config key {section}.{key} (from {origin}){hint}; "
                               f"valid keys of {section}: {', '.join(sorted(fields))}")
         setattr(target, key, _coerce(f"{section}.{key}", value, getattr(target, key)))
 
@@ -319,13 +321,17 @@ def load_config(path: str | None = None, overrides: Iterable[str] = (), preset: 
     data: dict = {}
     if path is not None:
         if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist; pass an existing YAML such as "
+            what = "is a folder" if os.path.isdir(path) else "does not exist"
+            raise ConfigError(f"config file {path!r} {what}; pass an existing YAML such as "
                               f"examples/configs/tiny_cpu.yaml")
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             try:
                 data = yaml.safe_load(f) or {}
+            except UnicodeDecodeError:
+                raise ConfigError(f"config file {path!r} is not UTF-8 text; save it as UTF-8") from None
             except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
+                message = " ".join(str(exc).split())  # one line
+                raise ConfigError(f"config file {path!r} is not valid YAML: {message}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections")
     data = copy.deepcopy(data)
@@ -340,7 +346,9 @@ def load_config(path: str | None = None, overrides: Iterable[str] = (), preset: 
 
 
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a saved (resolved) config, e.g. from a checkpoint's config.json."""
+    """Rebuild a saved (resolved) config, e.g. from a checkpoint's config.json. A key this version
+    does not know is an error naming it; a key the file lacks (written before the key existed)
+    takes this version's default."""
     data = copy.deepcopy(data)
     cfg = Config(preset=data.pop("preset", "tiny"))
     for section, values in data.items():
@@ -367,8 +375,21 @@ def _positive(cfg: Config, names: Iterable[str], allow_zero: Iterable[str] = ())
             raise ConfigError(f"{dotted} must be {need}, got {value}")
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+
+def _finite(cfg: Config) -> None:
+    """Every float key is a finite number (NaN passes every < / > check, so test it first)."""
+    for section in SECTIONS:
+        for key, f in _section_fields(section).items():
+            value = getattr(getattr(cfg, section), key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{key} must be a finite number, got {value}")
+
+
 def validate(cfg: Config) -> None:
     m, d, t, tr, p = cfg.model, cfg.data, cfg.text, cfg.train, cfg.parallel
+    _finite(cfg)
     _positive(cfg, [
         "model.latent_channels", "model.patch_size", "model.num_blocks", "model.shallow_width",
         "model.shallow_layers", "model.deep_width", "model.deep_layers", "model.head_dim",
@@ -379,14 +400,33 @@ def validate(cfg: Config) -> None:
         "text.vocab_size", "text.width", "text.layers", "text.heads",
         "train.steps", "train.lr", "train.grad_clip", "train.skip_factor", "train.ckpt_every",
         "train.eval_every", "train.log_every", "train.eval_batches", "train.keep_checkpoints",
-        "train.max_consecutive_skips",
+        "train.max_consecutive_skips", "model.rope_base", "train.min_lr", "train.warmup_steps",
+        "train.weight_decay", "train.threads", "data.num_workers", "train.seed",
         "parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp",
-    ], allow_zero=["model.attn_window", "model.denoiser_width", "model.fsm_weight",
+    ], allow_zero=["train.seed", "model.attn_window", "model.denoiser_width", "model.fsm_weight",
                    "train.min_lr", "train.warmup_steps", "train.weight_decay",
                    "data.num_workers", "train.threads", "train.max_consecutive_skips"])
     for name in ("attn_window", "denoiser_width", "fsm_weight", "init_std"):
         if getattr(m, name) < 0:
             raise ConfigError(f"model.{name} must be >= 0, got {getattr(m, name)}")
+    if tr.seed > SEED_MAX:
+        raise ConfigError(f"train.seed must be in [0, 2^63 - 1], got {tr.seed}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(tr, key) < 1.0:
+            raise ConfigError(f"train.{key} must be in [0, 1), got {getattr(tr, key)}")
+    if tr.min_lr > tr.lr:
+        raise ConfigError(f"train.min_lr={tr.min_lr} exceeds train.lr={tr.lr}; the schedule decays "
+                          f"from lr to min_lr")
+    if p.dp != -1 and p.dp < 1:
+        raise ConfigError(f"parallel.dp must be >= 1, or -1 (derived from the world size), got {p.dp}")
+    try:
+        t.template.format(caption="", noise=0, fps=0)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"text.template={t.template!r} is not a format string with the fields "
+                          f"{{caption}}, {{noise}}, {{fps}} ({type(exc).__name__}: {exc})") from None
+    if "{caption}" not in t.template:
+        raise ConfigError(f"text.template={t.template!r} lacks {{caption}}: the model would never "
+                          f"see the caption")
     if m.num_blocks < 1:
         raise ConfigError("model.num_blocks must be >= 1 (the deep block)")
     for width_key in ("shallow_width", "deep_width"):
@@ -418,6 +458,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"text.caption_dropout must be in [0, 1), got {t.caption_dropout}")
     if d.codec not in ("s2d", "wan"):
         raise ConfigError(f"data.codec={d.codec!r}; valid: s2d, wan")
+    if d.codec == "wan" and (d.frames - 1) % 4:
+        raise ConfigError(f"data.frames={d.frames}: the Wan VAE makes 4k+1 frames (1, 5, 9, ..., "
+                          f"17, 81); choose one of those")
     if d.codec == "s2d":
         fold = d.s2d_patch * m.patch_size
         for key in ("height", "width"):

@@ -25,11 +25,10 @@ def cmd_eval(args) -> int:
 def cmd_eval_cpu_suite(args) -> int:
     import torch
 
+    from megatron_starflow.cli import checks
     from megatron_starflow.convert.loading import load_system
     from megatron_starflow.evaluation.report import run_cpu_suite, write_report
 
-    if args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -40,6 +39,9 @@ def cmd_eval_cpu_suite(args) -> int:
         run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else step_dir
         out = os.path.join(run_dir, "eval", f"cpu_suite_{os.path.basename(step_dir)}.json")
     png = args.png or os.path.splitext(out)[0] + ".png"
+    if not (args.out and args.png):  # explicit paths were checked before loading
+        checks.check_output_file("--out", out, args.overwrite)
+        checks.check_output_file("--png", png, args.overwrite)
     report, images = run_cpu_suite(system, samples=args.samples, guidance=args.cfg, seed=args.seed,
                                    batches=args.batches)
     report = {"checkpoint": step_dir, "step": step, "suite": "cpu", **report}

@@ -11,14 +11,17 @@ def cmd_sample(args) -> int:
         from megatron_starflow.cli.sample_cp import cmd_sample_cp
 
         return cmd_sample_cp(args)
-    from megatron_starflow.cli.sample_args import conditioning_of, prompts_of, write_samples
+    from megatron_starflow.cli.sample_args import (check_against_model, check_outputs,
+                                                   conditioning_of, prompts_of, write_samples)
     from megatron_starflow.convert.loading import load_system
     from megatron_starflow.sampling.generate import generate
     from megatron_starflow.sampling.jacobi import SolverOptions
 
     prompts = prompts_of(args)
+    check_outputs(args, len(prompts))
     prefix = conditioning_of(args)
     system, step, _ = load_system(args.checkpoint, getattr(args, "device", None))
+    check_against_model(args, system, prompts, None if prefix is None else prefix.shape[0])
     opts = SolverOptions(solver=args.solver, first_block=args.block_size[0],
                          later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)
     out = generate(system, prompts, args.frames, args.seed, opts, prefix,

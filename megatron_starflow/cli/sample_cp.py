@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_starflow.cli.quiet import quiet_warnings
-from megatron_starflow.cli.sample_args import conditioning_of, prompts_of, write_samples
+from megatron_starflow.cli.sample_args import (check_against_model, check_outputs, conditioning_of,
+                                               prompts_of, write_samples)
 
 
 def rank_summary(ranks: list[dict]) -> dict:
@@ -36,6 +37,8 @@ def sample_worker(args) -> None:
     prompts = args._prompts
     prefix = conditioning_of(args)
     system, step, _ = load_system(args.checkpoint, getattr(args, "device", None))
+    check_against_model(args, system, prompts, None if prefix is None else prefix.shape[0],
+                        warn=dist.get_rank() == 0)
     if dist.get_world_size() != args.cp:
         raise ValueError(f"--cp {args.cp} but the launcher started {dist.get_world_size()} processes")
     opts = SolverOptions(solver="jacobi", first_block=args.block_size[0],
@@ -60,6 +63,7 @@ def cmd_sample_cp(args) -> int:
     if args.solver != "jacobi":
         raise ValueError("--cp N > 1 runs the pipelined Jacobi solver; drop --solver sequential")
     args._prompts = prompts_of(args)
+    check_outputs(args, len(args._prompts))
     if args.task in ("i2v", "v2v") and not (args.image if args.task == "i2v" else args.video):
         raise ValueError(f"--task {args.task} needs --{'image' if args.task == 'i2v' else 'video'} PATH")
     world = launched_world()
@@ -68,8 +72,27 @@ def cmd_sample_cp(args) -> int:
             raise ValueError(f"--cp {args.cp} but the launcher started {world} processes")
         sample_worker(args)
     else:
-        spawn_local(args.cp, sample_worker, args)
+        import torch.multiprocessing as mp
+
+        try:
+            spawn_local(args.cp, sample_worker, args)
+        except mp.ProcessRaisedException as exc:
+            raise _one_line(exc) from None
     return 0
+
+
+def _one_line(exc: Exception) -> Exception:
+    """A spawned rank's failure (a traceback in text) -> the rank's own error when it is one of
+    the one-line kinds (bad input, a sampling chunk that diverged), else ``exc`` itself."""
+    from megatron_starflow.sampling.jacobi import SamplingDiverged
+
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    for kind in (ValueError, FileNotFoundError, SamplingDiverged):
+        prefix = f"{kind.__module__}.{kind.__name__}: " if kind is SamplingDiverged else f"{kind.__name__}: "
+        if last.startswith(prefix) or last.startswith(f"{kind.__name__}: "):
+            return kind(last.split(": ", 1)[1])
+    return exc
 
 
 def benchmark_worker(checkpoint: str, captions: list[str], frames: int, seed: int, opts: dict,

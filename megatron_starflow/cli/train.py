@@ -14,6 +14,10 @@ def cmd_train(args) -> int:
     if getattr(args, "device", None):
         cfg.train.device = args.device
     run_dir = args.out or cfg.train.out_dir
+    if not args.out:  # --out itself was checked before the config was read
+        from megatron_starflow.cli.checks import check_output_folder
+
+        check_output_folder("train.out_dir", run_dir)
     result = train(cfg, run_dir, hooks=getattr(args, "hooks", None))
     if int(os.environ.get("RANK", "0")) != 0:  # multi-process launch: rank 0 reports
         return 0

@@ -52,6 +52,10 @@ class TextEncoder(nn.Module):
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
+    def count_tokens(self, caption: str) -> int:  # pragma: no cover
+        """Tokens of ``caption`` before truncation to ``max_length`` (EOS included)."""
+        raise NotImplementedError
+
 
 class SentencePieceTextEncoder(TextEncoder):
     """sentencepiece tokens -> learned embeddings + positions -> small pre-norm transformer.
@@ -91,6 +95,10 @@ class SentencePieceTextEncoder(TextEncoder):
         # enable_nested_tensor only applies to post-norm layers; disable to avoid the warning.
         self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(self.width)  # pre-norm stacks need a closing norm
+
+    def count_tokens(self, caption: str) -> int:
+        toks = len(self.sp.encode(caption)) if caption else 0
+        return toks + (1 if toks and self.eos_id >= 0 else 0)
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, L] long, mask [B, L] bool (on CPU)."""
@@ -149,6 +157,9 @@ class T5TextEncoder(TextEncoder):
         super().train(mode)
         self.model.eval()
         return self
+
+    def count_tokens(self, caption: str) -> int:
+        return len(self.tokenizer(caption)["input_ids"])
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

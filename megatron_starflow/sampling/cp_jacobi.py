@@ -32,6 +32,7 @@ final chunk, compute / communication / idle seconds.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -70,7 +71,7 @@ class CPBlockInverter(BlockInverter):
 
     def __init__(self, block, layout, opts: SolverOptions, ranges: list[tuple[int, int]],
                  text=None, uncond_text=None, group=None, warm_start: bool = True):
-        super().__init__(block, layout, opts, text, uncond_text)
+        super().__init__(block, layout, opts, text, uncond_text, name="deep block")
         self.group = group or dist.group.WORLD
         self.ranks = dist.get_process_group_ranks(self.group)
         self.rank, self.size = dist.get_rank(self.group), len(self.ranks)
@@ -197,8 +198,8 @@ class CPBlockInverter(BlockInverter):
                     self._apply(msgs, x)
                     fresh = True
                     break
-                if change < self.opts.tau:
-                    break
+                if change < self.opts.tau or not math.isfinite(change.item()):
+                    break  # settled, or non-finite: wait for final upstream values
             self.cache = self.final
             if not fresh and self._final_len() < a_tok:
                 t0 = time.perf_counter()
@@ -227,8 +228,14 @@ class CPBlockInverter(BlockInverter):
                 guess = new
                 if change < self.opts.tau:
                     break
+                if not math.isfinite(change.item()):  # NaN / inf never converge: stop here
+                    raise self.diverged(start, size, f"at Jacobi iteration {iters} of at most "
+                                                     f"{limit} (context-parallel rank {self.rank})")
             x[:, start:start + size] = guess
             x[:, start:start + size] = self._pass(x, start, size, z, True, "final_passes")
+            if not torch.isfinite(x[:, start:start + size]).all():
+                raise self.diverged(start, size, f"in its commit pass after {iters} iterations "
+                                                 f"(context-parallel rank {self.rank})")
             self.stats.iterations.append(iters + 1)
             self.timing.iterations.append(iters + 1)
             start += size

@@ -8,6 +8,7 @@ from the next frame. The returned video repeats the given frames unchanged.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,9 @@ def prepare_inputs(system: StarFlowSystem, captions: list[str], frames: int | No
     blocks. The draw order is part of the sampler's contract: same seed, same video."""
     t0 = time.time()
     check_prompts(captions)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (1: the model's noise), "
+                         f"got {temperature}")
     if prefix_video is not None and prefix_video.dim() == 4:  # one clip [F, H, W, 3]
         prefix_video = prefix_video[None]
     model, cfg = system.model, system.cfg
@@ -139,7 +143,8 @@ def deep_inverse(model, z, grid, opts, text, uncond, prefix_u, train_t, context_
     t, h, w = grid
     hw = h * w
     if t <= train_t:
-        inv = BlockInverter(model.deep_block, model.deep_layout(t, h, w), opts, text, uncond)
+        inv = BlockInverter(model.deep_block, model.deep_layout(t, h, w), opts, text, uncond,
+                            name="deep block")
         return inv.run(z, prefix_u), inv.stats
     context = context_frames or max(1, train_t - max(1, train_t // 4))
     if not 0 < context < train_t:
@@ -155,7 +160,8 @@ def deep_inverse(model, z, grid, opts, text, uncond, prefix_u, train_t, context_
     while done < t:
         given = 0 if prefix is None else prefix.shape[1] // hw
         span = min(train_t, given + (t - done))
-        inv = BlockInverter(model.deep_block, layout, opts, text, uncond)
+        inv = BlockInverter(model.deep_block, layout, opts, text, uncond,
+                            name=f"deep block (long-video window from latent frame {done})")
         seg = inv.run(z[:, (done - given) * hw:(done - given + span) * hw], prefix)
         new = seg[:, given * hw:]
         u[:, done * hw:done * hw + new.shape[1]] = new
@@ -175,7 +181,8 @@ def shallow_inverse(model, x, h, w, opts):
     for i in reversed(range(len(model.blocks) - 1)):
         if model.reverses(i):
             x = x.flip(1)
-        inv = BlockInverter(model.blocks[i], model.shallow_layout(h, w), shallow_opts)
+        inv = BlockInverter(model.blocks[i], model.shallow_layout(h, w), shallow_opts,
+                            name=f"shallow block {i}")
         x = inv.run(x)
         if model.reverses(i):
             x = x.flip(1)

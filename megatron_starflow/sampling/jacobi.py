@@ -15,6 +15,7 @@ guided values), as in the reference.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,11 @@ from megatron_starflow.models.flow_block import FlowBlock
 from megatron_starflow.models.layout import SlotLayout
 from megatron_starflow.models.transformer import KVCache
 from megatron_starflow.sampling.guidance import guided_gaussian
+
+
+class SamplingDiverged(RuntimeError):
+    """A block's inverse became non-finite (NaN / inf): the error names the block, the chunk's
+    tokens and frame, and the iteration; sampling stops there instead of iterating on."""
 
 
 @dataclass
@@ -41,6 +47,12 @@ class SolverOptions:
             raise ValueError(f"solver={self.solver!r}; valid: sequential, jacobi")
         if self.first_block < 1 or self.later_block < 1:
             raise ValueError("Jacobi block sizes must be >= 1")
+        if not (math.isfinite(self.tau) and 0.0 <= self.tau <= 1.0):
+            raise ValueError(f"tau must be a finite number in [0, 1], got {self.tau}")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise ValueError(f"guidance weight must be a finite number >= 0, got {self.guidance}")
+        if self.max_iters < 0:
+            raise ValueError(f"max_iters must be >= 0 (0: chunk size - 1), got {self.max_iters}")
 
 
 @dataclass
@@ -61,8 +73,9 @@ class BlockInverter:
     """Stateful inverse of one block over a growing sequence (the state is the KV cache)."""
 
     def __init__(self, block: FlowBlock, layout: SlotLayout, opts: SolverOptions,
-                 text: torch.Tensor | None = None, uncond_text: torch.Tensor | None = None):
-        self.block, self.layout, self.opts = block, layout, opts
+                 text: torch.Tensor | None = None, uncond_text: torch.Tensor | None = None,
+                 name: str = "flow block"):
+        self.block, self.layout, self.opts, self.name = block, layout, opts, name
         self.guided = opts.guidance != 0 and uncond_text is not None
         self.cache = KVCache()
         self.stats = SolverStats()
@@ -105,10 +118,28 @@ class BlockInverter:
         self.stats.seconds += time.time() - t0
         return x
 
+    def diverged(self, start: int, size: int, when: str) -> SamplingDiverged:
+        """The error of a chunk of tokens ``[start, start + size)`` whose values are not finite."""
+        hw = self.layout.tokens_per_frame
+        first, last = start // hw, (start + size - 1) // hw
+        if self.layout.frames == 1:  # shallow blocks: every frame is its own one-frame sequence
+            frames = "in-frame positions, all frames at once"
+        else:
+            frames = f"frame {first}" if first == last else f"frames {first}-{last}"
+        return SamplingDiverged(
+            f"{self.name}: the chunk of tokens {start}..{start + size - 1} ({frames}) became "
+            f"non-finite (NaN/inf) {when}; sampling stopped. The model or its inputs (guidance "
+            f"weight, conditioning frames, weights) produce non-finite values")
+
     def _sequential(self, z, x, start):
+        hw = self.layout.tokens_per_frame
         for t in range(start, z.shape[1]):
             prev = x[:, t - 1:t] if t else torch.zeros_like(x[:, :1])
             x[:, t:t + 1] = self._step(prev, t, z[:, t:t + 1], commit=True)
+            if (t + 1) % hw == 0 or t + 1 == z.shape[1]:  # one check per frame
+                lo = max(start, t + 1 - hw)
+                if not torch.isfinite(x[:, lo:t + 1]).all():
+                    raise self.diverged(lo, t + 1 - lo, "in sequential decoding")
 
     def _initial_guess(self, x, z, start, size):
         hw = self.layout.tokens_per_frame
@@ -138,7 +169,11 @@ class BlockInverter:
                 guess = new
                 if change < self.opts.tau:
                     break
+                if not math.isfinite(change.item()):  # NaN / inf never converge: stop here
+                    raise self.diverged(start, size, f"at Jacobi iteration {iters} of at most {limit}")
             # Commit pass: cache keys of exactly the values we keep (one more Jacobi iteration).
             x[:, start:start + size] = self._step(torch.cat([first, guess[:, :-1]], 1), start, zc, commit=True)
+            if not torch.isfinite(x[:, start:start + size]).all():
+                raise self.diverged(start, size, f"in its commit pass after {iters} iterations")
             self.stats.iterations.append(iters + 1)
             start += size

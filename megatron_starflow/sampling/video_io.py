@@ -33,16 +33,21 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 8, upscale: int = 1) -> 
     return path
 
 
-def write_videos(videos: np.ndarray, out: str, fps: int, grid: str | None = None) -> list[str]:
-    """uint8 ``[B, T, H, W, 3]`` -> one mp4 per video (``out``, or ``<root>_<i><ext>`` for a
-    batch), upscaled for viewing, at most 8 fps; plus the PNG frame grid of all of them at
-    ``grid``. Returns the mp4 paths."""
-    up = auto_upscale(videos.shape[2])
+def output_paths(out: str, count: int) -> list[str]:
+    """The mp4 paths of ``count`` videos written to ``out``: ``out`` itself for one, else
+    ``<root>_<i><ext>``."""
+    if count == 1:
+        return [out]
     root, ext = os.path.splitext(out)
-    paths = []
-    for i in range(videos.shape[0]):
-        path = out if videos.shape[0] == 1 else f"{root}_{i}{ext or '.mp4'}"
-        paths.append(write_mp4(path, videos[i], fps=min(fps, 8), upscale=up))
+    return [f"{root}_{i}{ext or '.mp4'}" for i in range(count)]
+
+
+def write_videos(videos: np.ndarray, out: str, fps: int, grid: str | None = None) -> list[str]:
+    """uint8 ``[B, T, H, W, 3]`` -> one mp4 per video (``output_paths``), upscaled for viewing,
+    at most 8 fps; plus the PNG frame grid of all of them at ``grid``. Returns the mp4 paths."""
+    up = auto_upscale(videos.shape[2])
+    paths = [write_mp4(path, video, fps=min(fps, 8), upscale=up)
+             for path, video in zip(output_paths(out, videos.shape[0]), videos)]
     if grid:
         write_png(grid, frame_grid(videos, upscale=max(1, up // 2)))
     return paths
