@@ -2,7 +2,8 @@
 layout of data, tensor (+sequence), pipeline and context parallelism.
 
 A step: learning rate from the step (``schedule.lr_at``), the replica's batch (``data``), tokens +
-noise + caption dropout from the replica's generator, ``forward_backward`` of the layout's step
+noise + caption dropout drawn per sample from its data position (``training/sample_noise.py``),
+``forward_backward`` of the layout's step
 (``training/step.py``) accumulating fp32 main gradients, the sequence-parallel and data-parallel
 reductions, per-group gradient norms, the skip rule (``training/guards.py``), the sharded AdamW
 update (``training/sharded_optimizer.py``), logging, held-out evaluation, sharded checkpoints
@@ -44,8 +45,10 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | None = None, hooks: TrainHooks | None = None,
-                 quiet: bool = False, preemption=None):
+                 quiet: bool = False, preemption=None, device: torch.device | None = None):
         self.cfg = cfg
+        # None: ``train.device``; a torch.device is used as it is (tests: torch's lazy device).
+        self._device = device
         self.run_dir = run_dir or cfg.train.out_dir
         self.hooks = hooks or TrainHooks()
         self.quiet = quiet
@@ -60,7 +63,7 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)
         if tr.threads:
             torch.set_num_threads(tr.threads)
-        self.device = select_device(tr.device)
+        self.device = select_device(tr.device if self._device is None else self._device)
         self.layout = lay = ProcessLayout.initialize(cfg, self.device)
         self.quiet = self.quiet or lay.rank != 0
         torch.manual_seed(tr.seed)
@@ -204,6 +207,7 @@ class Trainer:
 
 
 def train(cfg: Config, run_dir: str | None = None, quiet: bool = False, preemption=None,
-          hooks: TrainHooks | None = None) -> TrainResult:
-    """Train (one process, or every rank of a launch); resumes from ``<run>/checkpoints``."""
-    return Trainer(cfg, run_dir, hooks, quiet, preemption).fit()
+          hooks: TrainHooks | None = None, device: torch.device | None = None) -> TrainResult:
+    """Train (one process, or every rank of a launch); resumes from ``<run>/checkpoints``.
+    ``device``: overrides ``train.device`` with a device object (tests)."""
+    return Trainer(cfg, run_dir, hooks, quiet, preemption, device).fit()
