@@ -244,9 +244,10 @@ def run_data_benchmark(clips: int = 48, frames: int = 8, size: int = 32, file_fr
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         make_synthetic_data.main(["--out", videos, "--num", str(clips), "--frames", str(file_frames),
                                   "--height", str(size), "--width", str(size), "--fps", "16",
-                                  "--format", "webm", "--vp9-lossy"])
-        prepare_data.main(["--input", videos, "--out", vshards, "--shard-size", "16"])
+                                  "--format", "webm", "--vp9-lossy", "--overwrite"])
+        prepare_data.main(["--input", videos, "--out", vshards, "--shard-size", "16", "--overwrite"])
         prepare_data.main(["--input", videos, "--out", lshards, "--latents", "--shard-size", "16",
+                           "--overwrite",
                            "--config", str(REPO / "examples/configs/tiny_cpu.yaml"),
                            f"data.frames={frames}", f"data.height={size}", f"data.width={size}"])
     spec = ClipSpec(frames, size, size, start="random")
@@ -283,34 +284,43 @@ def cmd_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_starflow.cli import checks
+
+    parser = checks.ArgumentParser(prog="tools/benchmark.py", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     sa = sub.add_parser("sampling", help="sequential vs Jacobi vs video-aware Jacobi inversion")
-    sa.add_argument("--checkpoint", required=True, help="run, checkpoints or step folder")
-    sa.add_argument("--prompts", type=int, default=2, help="batch of synthetic held-out captions")
-    sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--tau", type=float, default=1e-3, help="Jacobi early-stop tolerance")
-    sa.add_argument("--block-size", type=int, nargs="+", default=[16, 64], metavar="A",
-                    help="Jacobi chunk sizes: first frame [, later frames]")
-    sa.add_argument("--frames", type=int, default=0, help="pixel frames (default: training length)")
-    sa.add_argument("--cfg", type=float, default=0.0, help="guidance weight w")
-    sa.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations")
-    sa.add_argument("--repeats", type=int, default=1, help="timed runs per method (min is kept)")
-    sa.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    sa.add_argument("--cp", type=int, default=1,
+    sa.add_argument("--checkpoint", required=True, type=checks.input_path,
+                    help="run, checkpoints or step folder")
+    sa.add_argument("--prompts", type=checks.integer(1), default=2,
+                    help="batch of synthetic held-out captions (>= 1)")
+    sa.add_argument("--seed", type=checks.SEED, default=0, help="in [0, 2^63 - 1]")
+    sa.add_argument("--tau", type=checks.TAU, default=1e-3, help="Jacobi early-stop tolerance in [0, 1]")
+    sa.add_argument("--block-size", type=checks.integer(1), nargs="+", default=[16, 64], metavar="A",
+                    help="Jacobi chunk sizes (>= 1): first frame [, later frames]")
+    sa.add_argument("--frames", type=checks.integer(1), default=0,
+                    help="pixel frames, >= 1 (default: training length)")
+    sa.add_argument("--cfg", type=checks.GUIDANCE, default=0.0,
+                    help=f"guidance weight w in [0, {checks.GUIDANCE_MAX:g}]")
+    sa.add_argument("--warmup", type=checks.integer(0), default=1, help="untimed warm-up generations (>= 0)")
+    sa.add_argument("--repeats", type=checks.integer(1), default=1,
+                    help="timed runs per method (min is kept; >= 1)")
+    sa.add_argument("--threads", type=checks.integer(0), default=0, help="torch CPU threads (0 = default)")
+    sa.add_argument("--cp", type=checks.integer(1), default=1,
                     help="N >= 2: one-rank vs N context-parallel ranks (pipelined Jacobi)")
     sa.set_defaults(func=cmd_sampling)
 
     da = sub.add_parser("data", help="clips/s: DALI CPU vs PyAV decoding vs latent shards")
-    da.add_argument("--clips", type=int, default=48, help="synthetic VP9 files")
-    da.add_argument("--frames", type=int, default=8, help="frames per clip")
-    da.add_argument("--size", type=int, default=32, help="height = width of files and clips")
-    da.add_argument("--file-frames", type=int, default=16, help="frames per file")
-    da.add_argument("--batch", type=int, default=8)
-    da.add_argument("--epochs", type=int, default=2, help="timed passes over the data")
-    da.add_argument("--threads", type=int, default=2, help="torch / DALI CPU threads")
+    da.add_argument("--clips", type=checks.integer(1), default=48, help="synthetic VP9 files (>= 1)")
+    da.add_argument("--frames", type=checks.integer(1), default=8, help="frames per clip (>= 1)")
+    da.add_argument("--size", type=checks.integer(8, 4096), default=32,
+                    help="height = width of files and clips, even, in [8, 4096]")
+    da.add_argument("--file-frames", type=checks.integer(1), default=16,
+                    help="frames per file (>= --frames)")
+    da.add_argument("--batch", type=checks.integer(1), default=8, help=">= 1")
+    da.add_argument("--epochs", type=checks.integer(1), default=2, help="timed passes over the data (>= 1)")
+    da.add_argument("--threads", type=checks.integer(1), default=2, help="torch / DALI CPU threads (>= 1)")
     da.add_argument("--workdir", default="", help="where files and shards go (default: a temp dir)")
     da.set_defaults(func=cmd_data)
     return parser
@@ -330,8 +340,23 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_starflow.cli.quiet import quiet_warnings
 
     quiet_warnings()
-    args = build_parser().parse_args(argv)
+    from megatron_starflow.cli import checks
+
+    args, code = checks.parse(build_parser(), argv)
+    if args is None:
+        return code
     try:
+        if args.command == "sampling" and len(args.block_size) > 2:
+            raise ValueError(f"--block-size takes 1 or 2 values (first frame [, later frames]), "
+                             f"got {len(args.block_size)}")
+        if args.command == "data":
+            if args.size % 2:
+                raise ValueError(f"--size {args.size}: 4:2:0 VP9 needs an even size")
+            if args.file_frames < args.frames:
+                raise ValueError(f"--file-frames {args.file_frames} is fewer than --frames "
+                                 f"{args.frames}: a clip must fit in a file")
+            if args.workdir:
+                checks.check_output_folder("--workdir", args.workdir)
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)

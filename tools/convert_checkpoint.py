@@ -25,15 +25,21 @@ warnings.filterwarnings("ignore")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_starflow.cli import checks
+
+    parser = checks.ArgumentParser(prog="tools/convert_checkpoint.py", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="training checkpoint -> inference folder")
-    ex.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder or a step folder")
-    ex.add_argument("--out", required=True, help="inference folder to write (replaced if it exists)")
+    ex.add_argument("--checkpoint", required=True, type=checks.input_path,
+                    help="run folder, its checkpoints/ folder or a step folder")
+    ex.add_argument("--out", required=True,
+                    help="inference folder to write (an existing non-empty one needs --overwrite)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     ex.add_argument("--format", default="inference", choices=["inference", "ml-starflow"],
                     help="inference: our inference folder (default); ml-starflow: the authors' .pth + YAML")
     ex.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp64"])
-    ex.add_argument("--max-shard-size", default="5GB",
+    ex.add_argument("--max-shard-size", default="5GB", type=checks.size_bytes,
                     help="split model.safetensors into files of at most this size (e.g. 5GB, 200MB; 0 = one file)")
     ex.add_argument("--only-ema", action="store_true", help="export the EMA weights (if the checkpoint has them)")
     ex.add_argument("--verify", action="store_true",
@@ -45,11 +51,20 @@ def main(argv=None) -> int:
     ex.add_argument("--drop-denoiser", action="store_true",
                     help="ml-starflow: leave the denoiser out (learnable_self_denoiser 0)")
     im = sub.add_parser("import", help="inference folder -> training checkpoint (fine-tuning)")
-    im.add_argument("--inference", required=True, help="inference folder")
-    im.add_argument("--out", required=True, help="run folder to create")
-    im.add_argument("--tp", type=int, default=1, help="parallel.tp of the fine-tuning run")
-    im.add_argument("--pp", type=int, default=1, help="parallel.pp of the fine-tuning run")
-    args = parser.parse_args(argv)
+    im.add_argument("--inference", required=True, type=checks.input_folder, help="inference folder")
+    im.add_argument("--out", required=True,
+                    help="run folder to create (one that holds checkpoints/ needs --overwrite)")
+    im.add_argument("--overwrite", action="store_true", help="write into an existing run folder")
+    im.add_argument("--tp", type=checks.integer(1), default=1, help="parallel.tp of the fine-tuning run (>= 1)")
+    im.add_argument("--pp", type=checks.integer(1), default=1, help="parallel.pp of the fine-tuning run (>= 1)")
+    args, code = checks.parse(parser, argv)
+    if args is None:
+        return code
+    if args.command == "export":
+        checks.or_usage_error(parser, checks.check_output_folder, "--out", args.out, args.overwrite)
+    else:
+        checks.or_usage_error(parser, checks.check_output_folder, "--out", args.out, args.overwrite,
+                              marker="checkpoints")
 
     from megatron_starflow.convert import training
 

@@ -12,18 +12,29 @@ import warnings
 warnings.filterwarnings("ignore")
 
 
-def main() -> None:
+def _load(args) -> None:
+    from megatron_starflow.config import load_config
+
+    load_config(args.config, args.overrides, preset=args.preset)
+
+
+def main(argv=None) -> None:
     import torch
 
     from megatron_starflow.config import load_config
     from megatron_starflow.models.starflow import StarFlowV, count_parameters
     from megatron_starflow.parallel.state import ensure_single_process
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset")
-    parser.add_argument("--config")
+    from megatron_starflow.cli import checks
+    from megatron_starflow.config import PRESETS
+
+    parser = checks.ArgumentParser(prog="tools/count_params.py", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS))
+    parser.add_argument("--config", type=checks.input_file)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    checks.or_usage_error(parser, _load, args)
     cfg = load_config(args.config, args.overrides, preset=args.preset)
     ensure_single_process()
     with torch.device("meta"):  # shapes only: a 7B model costs no memory

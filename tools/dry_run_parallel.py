@@ -30,7 +30,7 @@ def owner_block(name: str, num_blocks: int) -> int:
     raise ValueError(f"parameter {name} belongs to no flow block")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     import torch
 
     from megatron_starflow.config import load_config
@@ -38,23 +38,32 @@ def main() -> None:
     from megatron_starflow.parallel.pipeline import split_blocks
     from megatron_starflow.parallel.state import ensure_single_process
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="7b")
-    parser.add_argument("--config")
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--pp", type=int, default=4)
+    from megatron_starflow.cli import checks
+    from megatron_starflow.config import PRESETS
+
+    parser = checks.ArgumentParser(prog="tools/dry_run_parallel.py", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="7b", choices=list(PRESETS))
+    parser.add_argument("--config", type=checks.input_file)
+    parser.add_argument("--tp", type=checks.integer(1), default=2, help=">= 1")
+    parser.add_argument("--pp", type=checks.integer(1), default=4, help=">= 1")
     parser.add_argument("--split", default="", help="flow blocks per stage, e.g. 2,2,1,1")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides, preset=args.preset)
-    cfg.parallel.tp, cfg.parallel.pp = args.tp, args.pp
+    args = parser.parse_args(argv)
     from megatron_starflow.parallel.state import validate_parallel
 
-    validate_parallel(cfg, args.tp * args.pp)
+    def resolve():
+        cfg = load_config(args.config, args.overrides, preset=args.preset)
+        cfg.parallel.tp, cfg.parallel.pp = args.tp, args.pp
+        validate_parallel(cfg, args.tp * args.pp)
+        return cfg, split_blocks(cfg.model, args.pp, args.split or None)
+
+    holder = []
+    checks.or_usage_error(parser, lambda: holder.append(resolve()))
+    cfg, stages = holder[0]
     ensure_single_process()
     with torch.device("meta"):
         model = StarFlowV(cfg.model)
-    stages = split_blocks(cfg.model, args.pp, args.split or None)
     stage_of = {b: s for s, r in enumerate(stages) for b in r}
     sharded = [0] * args.pp  # per TP rank of each stage
     replicated = [0] * args.pp

@@ -27,23 +27,30 @@ def main(argv=None) -> dict:
     from megatron_starflow.config import load_config
     from megatron_starflow.parallel import memory
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="7b")
-    parser.add_argument("--config")
-    parser.add_argument("--tp", type=int)
-    parser.add_argument("--pp", type=int)
-    parser.add_argument("--dp", type=int)
-    parser.add_argument("--gpus", type=int, default=96)
+    from megatron_starflow.cli import checks
+    from megatron_starflow.config import PRESETS
+
+    parser = checks.ArgumentParser(prog="tools/estimate_memory.py", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="7b", choices=list(PRESETS))
+    parser.add_argument("--config", type=checks.input_file)
+    parser.add_argument("--tp", type=checks.integer(1), help=">= 1")
+    parser.add_argument("--pp", type=checks.integer(1), help=">= 1")
+    parser.add_argument("--dp", type=checks.integer(1), help=">= 1")
+    parser.add_argument("--gpus", type=checks.integer(1), default=96, help=">= 1")
     parser.add_argument("--recompute", action="store_true", help="the single layout: with recompute")
     parser.add_argument("--distributed-optimizer", action="store_true",
                         help="the single layout: shard master weights + Adam over DP (the table always uses it)")
-    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--micro-batch", type=checks.integer(1), default=1, help=">= 1")
     parser.add_argument("--no-sp", action="store_true", help="sequence parallelism off (on by default when tp > 1)")
-    parser.add_argument("--gpu-gb", type=float, default=80.0)
-    parser.add_argument("--reserve", type=float, default=0.10)
+    parser.add_argument("--gpu-gb", type=checks.real(0.0, None, lo_open=True), default=80.0,
+                        help="memory of one GPU in GB (> 0)")
+    parser.add_argument("--reserve", type=checks.real(0.0, 1.0, hi_open=True), default=0.10,
+                        help="fraction kept free, in [0, 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    checks.or_usage_error(parser, load_config, args.config, args.overrides, preset=args.preset)
     cfg = load_config(args.config, args.overrides, preset=args.preset)
     inventory = memory.param_inventory(cfg)
     budget = args.gpu_gb * 1e9 * (1 - args.reserve)

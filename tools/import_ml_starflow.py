@@ -19,19 +19,43 @@ import warnings
 warnings.filterwarnings("ignore")
 
 
+def _optional_folder(text: str) -> str:
+    from megatron_starflow.cli import checks
+
+    return checks.input_folder(text) if text else text
+
+
+def _aspect_ratio(text: str) -> str:
+    """W:H with two positive integers, e.g. 16:9."""
+    w, _, h = text.partition(":")
+    if not (w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+        raise argparse.ArgumentTypeError(f"must be W:H with positive integers, e.g. 16:9, got {text!r}")
+    return text
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="their .pth (torch.save of the model state_dict)")
-    parser.add_argument("--config", required=True, help="their YAML (configs/starflow-v_7B_t2v_caus_480p.yaml)")
-    parser.add_argument("--out", required=True, help="inference folder to write")
-    parser.add_argument("--t5", default="", help="local T5 encoder folder (text.path)")
-    parser.add_argument("--vae", default="", help="local Wan VAE folder (data.codec_path)")
-    parser.add_argument("--aspect-ratio", default="16:9",
+    from megatron_starflow.cli import checks
+
+    parser = checks.ArgumentParser(prog="tools/import_ml_starflow.py", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=checks.input_file,
+                        help="their .pth (torch.save of the model state_dict)")
+    parser.add_argument("--config", required=True, type=checks.input_file,
+                        help="their YAML (configs/starflow-v_7B_t2v_caus_480p.yaml)")
+    parser.add_argument("--out", required=True,
+                        help="inference folder to write (an existing non-empty one needs --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--t5", default="", type=_optional_folder, help="local T5 encoder folder (text.path)")
+    parser.add_argument("--vae", default="", type=_optional_folder, help="local Wan VAE folder (data.codec_path)")
+    parser.add_argument("--aspect-ratio", default="16:9", type=_aspect_ratio,
                         help="aspect ratio of the videos to sample (caption suffix and frame size, as their sample.py)")
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
                         help="stored dtype (bf16 halves the size; loading casts to fp32)")
-    parser.add_argument("--max-shard-size", default="5GB")
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-shard-size", default="5GB", type=checks.size_bytes)
+    args, code = checks.parse(parser, argv)
+    if args is None:
+        return code
+    checks.or_usage_error(parser, checks.check_output_folder, "--out", args.out, args.overwrite)
 
     from megatron_starflow.convert.ml_starflow import import_ml_starflow
 

@@ -102,20 +102,28 @@ FORMATS = ("npy", "webm", "mp4")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    from megatron_starflow.cli import checks
+
+    p = checks.ArgumentParser(prog="tools/make_synthetic_data.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path,
+                   help="output directory (one that holds metadata.jsonl needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder of an earlier run")
     p.add_argument("--split", default="train", help="seed stream: train | heldout")
-    p.add_argument("--num", type=int, required=True, help="number of clips")
-    p.add_argument("--start", type=int, default=0, help="index of the first clip")
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--height", type=int, default=32)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--fps", type=int, default=8, help="frame rate stored in webm files")
+    p.add_argument("--num", type=checks.integer(1), required=True, help="number of clips (>= 1)")
+    p.add_argument("--start", type=checks.integer(0), default=0, help="index of the first clip (>= 0)")
+    p.add_argument("--frames", type=checks.integer(1), default=8, help=">= 1")
+    p.add_argument("--height", type=checks.integer(8, 4096), default=32,
+                   help="pixels in [8, 4096] (even for mp4 / lossy webm)")
+    p.add_argument("--width", type=checks.integer(8, 4096), default=32, help="as --height")
+    p.add_argument("--fps", type=checks.integer(1, 240), default=8,
+                   help="frame rate stored in video files, in [1, 240]")
     p.add_argument("--format", default="npy",
                    help="npy | webm (VP9) | mp4 (H.264), or a comma-separated list, e.g. webm,mp4")
     p.add_argument("--vp9-lossy", action="store_true", help="webm: 4:2:0 constant-quality VP9 "
                    "instead of lossless 4:4:4")
-    p.add_argument("--crf", type=int, default=18, help="quality of mp4 and lossy webm (lower = better)")
+    p.add_argument("--crf", type=checks.integer(0, 51), default=18,
+                   help="quality of mp4 and lossy webm in [0, 51] (lower = better)")
     p.add_argument("--no-captions", dest="captions", action="store_false",
                    help="do not write <name>.txt captions next to video files")
     args = p.parse_args(argv)
@@ -123,13 +131,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [f for f in args.formats if f not in FORMATS]
     if bad or not args.formats:
         p.error(f"--format: unknown {bad or args.format!r}; valid: {', '.join(FORMATS)} (comma-separated)")
+    chroma_420 = "mp4" in args.formats or ("webm" in args.formats and args.vp9_lossy)
+    if chroma_420 and (args.height % 2 or args.width % 2):
+        p.error(f"--height {args.height} / --width {args.width}: 4:2:0 video (mp4, lossy webm) "
+                f"needs even sizes")
+    checks.or_usage_error(p, checks.check_output_folder, "--out", str(args.out), args.overwrite,
+                          marker="metadata.jsonl")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.num < 1:
-        raise SystemExit(f"--num must be >= 1, got {args.num}")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     records = []

@@ -28,20 +28,29 @@ import sys
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_starflow.cli import checks
+
+    p = checks.ArgumentParser(prog="tools/prepare_data.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", help="folder of videos (+ metadata.jsonl or <stem>.txt captions)")
-    src.add_argument("--manifest", help="CSV or JSONL with path/file and caption columns")
-    p.add_argument("--out", required=True, help="output folder of shards")
-    p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
-    p.add_argument("--shard-bytes", type=int, default=1 << 30, help="max bytes per shard")
+    src.add_argument("--input", type=checks.input_folder,
+                     help="folder of videos (+ metadata.jsonl or <stem>.txt captions)")
+    src.add_argument("--manifest", type=checks.input_file,
+                     help="CSV or JSONL with path/file and caption columns")
+    p.add_argument("--out", required=True,
+                   help="output folder of shards (one that holds shards.json needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run")
+    p.add_argument("--shard-size", type=checks.integer(1), default=256, help="samples per shard (>= 1)")
+    p.add_argument("--shard-bytes", type=checks.integer(1), default=1 << 30,
+                   help="max bytes per shard (>= 1)")
     p.add_argument("--codecs", default="", help="keep only these codecs, e.g. vp9,vp8 (default: all)")
-    p.add_argument("--min-frames", type=int, default=0,
+    p.add_argument("--min-frames", type=checks.integer(0), default=0,
                    help="video shards: skip files with fewer frames (too short for the run's clips)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="video shards: skip the full decode check of every file (faster)")
     p.add_argument("--latents", action="store_true", help="write pre-decoded clips (+ latents) instead")
-    p.add_argument("--config", help="--latents: run config (YAML) giving frames, size, codec, text encoder")
+    p.add_argument("--config", type=checks.input_file,
+                   help="--latents: run config (YAML) giving frames, size, codec, text encoder")
     p.add_argument("--backend", default="pyav", choices=("auto", "dali", "pyav"),
                    help="--latents: decoder")
     p.add_argument("--no-frames", dest="frames", action="store_false",
@@ -49,8 +58,10 @@ def parse_args(argv=None):
                         "for data.source=latent_shards only; a 480p 81-frame clip is ~97 MB)")
     p.add_argument("overrides", nargs="*", help="--latents: section.key=value config overrides")
     args = p.parse_args(argv)
-    if args.shard_size < 1:
-        p.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.latents and not args.config:
+        p.error("--latents needs --config (the run's frames, size and codec)")
+    checks.or_usage_error(p, checks.check_output_folder, "--out", args.out, args.overwrite,
+                          marker="shards.json")
     return args
 
 

@@ -253,12 +253,47 @@ def plot(rows: list[dict], fits: dict, path: str, metric: str, width: int = 760,
 
 # ------------------------------------------------------------------------------ the sweep
 
+def _sizes(text: str) -> list:
+    try:
+        sizes = [parse_size(s.strip()) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not sizes or any(v < 1 for _, widths in sizes for v in widths):
+        raise argparse.ArgumentTypeError(f"must be names of {sorted(SIZES)} or SHALLOW/DEEP/LAYERS "
+                                         f"with positive integers, comma-separated, got {text!r}")
+    return sizes
+
+
+def _budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 1:
+        raise argparse.ArgumentTypeError(f"must be training steps >= 1, comma-separated, got {text!r}")
+    return budgets
+
+
+def _count_text(text: str) -> str:
+    """A count >= 1, kept as text (it is passed on to launch.py)."""
+    from megatron_starflow.cli import checks
+
+    return str(checks.integer(1)(text))
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="sweep folder (one run folder per grid point)")
-    p.add_argument("--config", default=os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"))
-    p.add_argument("--sizes", default="xs,s,m,l")
-    p.add_argument("--steps", default="60,100", help="token budgets as training steps")
+    from megatron_starflow.cli import checks
+
+    p = checks.ArgumentParser(prog="tools/scaling_sweep.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="sweep folder (one run folder per grid point; an "
+                                                "existing sweep is continued)")
+    p.add_argument("--config", default=os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"),
+                   type=checks.input_file)
+    p.add_argument("--sizes", default="xs,s,m,l", type=_sizes,
+                   help=f"comma-separated names of {sorted(SIZES)} or SHALLOW/DEEP/DEEP_LAYERS")
+    p.add_argument("--steps", default="60,100", type=_budgets,
+                   help="token budgets as training steps (>= 1, comma-separated)")
     p.add_argument("--metric", default="bits_per_dim", help="held-out metric to fit (or pixel_bits_per_dim)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
                    help="local: one process per run, here, one after the other; slurm: submit "
@@ -266,16 +301,19 @@ def main(argv=None) -> int:
     p.add_argument("--no-cpu-base", action="store_true", help="do not add the small-CPU settings")
     p.add_argument("--collect-only", action="store_true", help="only collect, fit and plot")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--threads", type=int, default=0, help="local: torch threads per run")
-    p.add_argument("--nodes", default="1")
-    p.add_argument("--gpus-per-node", default="8")
+    p.add_argument("--threads", type=checks.integer(0), default=0,
+                   help="local: torch threads per run (0: torch's default)")
+    p.add_argument("--nodes", default="1", type=_count_text)
+    p.add_argument("--gpus-per-node", default="8", type=_count_text)
     p.add_argument("--partition", default=None)
     p.add_argument("--time", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")
-    args = p.parse_args(argv)
-    sizes = [parse_size(s.strip()) for s in args.sizes.split(",") if s.strip()]
-    budgets = [int(s) for s in args.steps.split(",") if s.strip()]
+    args, code = checks.parse(p, argv)
+    if args is None:
+        return code
+    checks.or_usage_error(p, checks.check_output_folder, "--out", args.out)
+    sizes, budgets = args.sizes, args.steps
     os.makedirs(args.out, exist_ok=True)
     cpu_base = not args.no_cpu_base and args.executor == "local"
     extra = list(args.overrides) + ([f"train.threads={args.threads}"] if args.threads else [])

@@ -178,3 +178,22 @@ def check_output_folder(flag: str, path: str, overwrite: bool | None = None,
 def warn(message: str) -> None:
     """One warning line on stderr."""
     print(f"warning: {message}", file=sys.stderr)
+
+
+def or_usage_error(parser: argparse.ArgumentParser, check, *args, **kwargs) -> None:
+    """Run ``check(*args, **kwargs)``; a ValueError becomes the parser's one-line error (exit
+    code 2), for tools whose ``main`` has no error handler of its own."""
+    try:
+        check(*args, **kwargs)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def size_bytes(text: str) -> str:
+    """``type=`` for a size such as 5GB, 500MB, 64KB or 1000 (bytes); 0 = no limit."""
+    import re
+
+    if not re.fullmatch(r"\s*[0-9]+(\.[0-9]+)?\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"must be a size such as 5GB, 500MB or 1000000 (bytes; "
+                                         f"0: one file), got {text!r}")
+    return text
