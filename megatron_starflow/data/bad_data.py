@@ -34,6 +34,9 @@ class BadSample(Exception):
         super().__init__(message)
         self.kind = kind
 
+    def __reduce__(self):  # picklable: decode workers send it back to the loop
+        return (BadSample, (self.kind, str(self)))
+
 
 class BadDataError(RuntimeError):
     """Too many bad samples: the fraction passed ``data.max_bad_fraction``."""

@@ -369,10 +369,21 @@ class DecodeSettings:
 
 
 def _load_npy(data: bytes, what: str) -> np.ndarray:
+    """An ``.npy`` member -> array; a damaged one is one bad sample: ``zero_byte``, ``truncated``
+    (a valid header, too few bytes) or ``undecodable`` (not an .npy)."""
+    if not data:
+        raise BadSample(ZERO_BYTE, f"{what}: zero bytes")
+    buf = io.BytesIO(data)
+    try:
+        major, _ = np.lib.format.read_magic(buf)
+        fmt = np.lib.format
+        (fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0)(buf)
+    except Exception as exc:  # noqa: BLE001
+        raise BadSample(UNDECODABLE, f"{what}: not an .npy array ({exc})") from None
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - a damaged member is one bad sample
-        raise BadSample(TRUNCATED if data else ZERO_BYTE, f"{what}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise BadSample(TRUNCATED, f"{what}: {exc}") from None
 
 
 class ClipDecoder:
