@@ -65,7 +65,8 @@ def runs(tmp_path_factory, megatron_ready):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["dp4", "tp2dp2", "tp2sp_dp2", "pp2dp2", "cp2dp2", "pp2tp2"])
+@pytest.mark.parametrize("layout", ["dp4", "tp2dp2", "tp2sp_dp2", "pp2dp2", "cp2dp2", "pp2tp2",
+                                    "cp2tp2sp"])
 def test_layout_matches_one_process_loop(runs, layout):
     ref, got = runs["ref"], {int(k): v for k, v in runs["results"][f"run/{layout}"].items()}
     assert sorted(got) == list(range(1, STEPS + 1))

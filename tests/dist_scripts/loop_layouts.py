@@ -35,6 +35,7 @@ LAYOUTS = {  # name: (tp, pp, cp, sp)
     "pp2dp2": (1, 2, 1, False),
     "cp2dp2": (1, 1, 2, False),
     "pp2tp2": (2, 2, 1, False),
+    "cp2tp2sp": (2, 1, 2, True),
 }
 RESUMES = [("tp2dp2", "dp4"), ("dp4", "tp2dp2"), ("pp2dp2", "dp4"), ("dp4", "pp2dp2"),
            ("cp2dp2", "dp4"), ("dp4", "cp2dp2")]
