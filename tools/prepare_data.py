@@ -137,9 +137,8 @@ def pack_latents(records, out: str, shard_size: int, shard_bytes: int, cfg, back
     import torch
 
     from megatron_starflow.data.latent_shards import NULL_TEXT, latent_facts
-    from megatron_starflow.data.loader import clip_spec
     from megatron_starflow.data.shards import ShardWriter, npy_bytes, write_npy
-    from megatron_starflow.data.video import BadSample, VideoClipIterator
+    from megatron_starflow.data.video import BadSample, VideoClipIterator, clip_spec
     from megatron_starflow.models.system import format_captions
 
     spec = clip_spec(cfg, train=False)

@@ -106,8 +106,7 @@ class LatentShardDataset(Dataset):
     data set is read on first access."""
 
     def __init__(self, cfg: Config, shards: str, limit: int):
-        from megatron_starflow.data.loader import clip_spec
-        from megatron_starflow.data.video import VideoClipIterator
+        from megatron_starflow.data.video import VideoClipIterator, clip_spec
 
         self.info = latent_shard_info(cfg, shards, key="data.heldout_shards")
         records, _ = read_shards(shards)

@@ -11,14 +11,7 @@ from torch.utils.data import Dataset
 
 from megatron_starflow.data.bad_data import BadDataLog, BadSample
 from megatron_starflow.data.shards import read_shards
-from megatron_starflow.data.video import ClipSpec, VideoClipIterator
-
-
-def clip_spec(cfg, train: bool = True) -> ClipSpec:
-    d = cfg.data
-    return ClipSpec(frames=d.frames, height=d.height, width=d.width, sample_fps=float(d.sample_fps),
-                    stride=d.frame_stride, crop=d.crop if train else "center",
-                    start=d.clip_start if train else "first")
+from megatron_starflow.data.video import VideoClipIterator, clip_spec
 
 
 def build_train_iterator(cfg, run_dir: str, dp_rank: int = 0, dp_size: int = 1,

@@ -116,6 +116,15 @@ class ClipSpec:
             raise ValueError(f"start={self.start!r}; valid: random, first")
 
 
+def clip_spec(cfg, train: bool = True) -> ClipSpec:
+    """The clips ``data.*`` of a config asks for; held-out clips (``train=False``) are centre
+    crops from the first frame."""
+    d = cfg.data
+    return ClipSpec(frames=d.frames, height=d.height, width=d.width, sample_fps=float(d.sample_fps),
+                    stride=d.frame_stride, crop=d.crop if train else "center",
+                    start=d.clip_start if train else "first")
+
+
 @dataclass
 class VideoInfo:
     codec: str
