@@ -52,9 +52,9 @@ def bad_shards(tmp_path_factory):
     return str(out)
 
 
-def _iters(shards, dp, batch=3, log_dir=None, **kw):
+def _iters(shards, dp, batch=3, log_dir=None, spec=SPEC, seed=5, **kw):
     records, sizes = read_shards(shards)
-    return [VideoClipIterator(records, SPEC, "pyav", seed=5, dp_rank=r, dp_size=dp, batch_size=batch,
+    return [VideoClipIterator(records, spec, "pyav", seed=seed, dp_rank=r, dp_size=dp, batch_size=batch,
                               shard_sizes=sizes,
                               bad_log=BadDataLog(os.path.join(log_dir, f"bad{r}.jsonl") if log_dir else "",
                                                  max_bad_fraction=0.5), **kw)
@@ -203,3 +203,92 @@ def test_worker_processes_give_the_same_batches_as_the_loop_and_resume_exactly(v
     finally:
         for it in workers:
             it.close()
+
+
+# ------------------------------------------------------------------------------------------------
+def _train_config(shards: str, steps: int = 4):
+    from megatron_starflow.config import load_config
+
+    from helpers_launch import TINY
+
+    return load_config(os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"),
+                       [*TINY, f"train.steps={steps}", "train.ckpt_every=2", f"train.eval_every={steps}",
+                        "data.batch_size=3", "data.source=shards", f"data.shards={shards}",
+                        f"data.heldout_shards={shards}", "data.max_bad_fraction=0.5",
+                        "data.crop=random", "train.keep_checkpoints=3"])
+
+
+def _metrics(run_dir: str) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def _rewind(run_dir: str, step: int) -> None:
+    import shutil
+
+    root = os.path.join(run_dir, "checkpoints")
+    for name in os.listdir(root):
+        if name.startswith("step_") and int(name[5:]) > step:
+            shutil.rmtree(os.path.join(root, name))
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write(f"step_{step:07d}")
+    os.remove(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def test_training_on_bad_shards_resumes_exactly(bad_shards, tmp_path):
+    import shutil
+
+    from megatron_starflow.training import sharded_checkpoint as store
+    from megatron_starflow.training.trainer import train
+
+    run = str(tmp_path / "run")
+    train(_train_config(bad_shards), run, quiet=True)
+    full = _metrics(run)
+    # the loader state in the checkpoint is the one of an iterator that made the same 2 steps
+    its = _iters(bad_shards, dp=1, spec=ClipSpec(2, 8, 8, crop="random"), seed=0)
+    for _ in range(2):
+        its[0].next_batch()
+    meta = store.read_meta(os.path.join(run, "checkpoints", "step_0000002"))
+    assert meta["data"]["sampler"]["scanned"] == {"0": its[0].sampler.scanned}
+    assert meta["data"]["bad_data"]["counts"] == dict(its[0].bad.counts)
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(run, resumed)
+    _rewind(resumed, 2)
+    train(_train_config(bad_shards), resumed, quiet=True)
+    again = _metrics(resumed)
+    assert sorted(again) == [3, 4] and all(again[s] == full[s] for s in (3, 4)), (full, again)
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_holds_both_strides_and_resumes_on_one_process(bad_shards, tmp_path):
+    from helpers_dist import run_checks
+    from megatron_starflow.training import sharded_checkpoint as store
+    from megatron_starflow.training.trainer import train
+
+    cfg = _train_config(bad_shards, steps=2)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    run = str(tmp_path / "dp2")
+    run_checks(os.path.join(ROOT, "tests", "dist_scripts", "train_run.py"), str(tmp_path / "out.json"),
+               [str(config), run], world=2, timeout=600)
+    meta = store.read_meta(os.path.join(run, "checkpoints", "step_0000002"))
+    sampler, bad = meta["data"]["sampler"], meta["data"]["bad_data"]
+    assert sorted(sampler["scanned"]) == ["0", "1"] and sorted(bad["per_rank"]) == ["0", "1"]
+    assert sum(sampler["scanned"].values()) == sampler["consumed"] == bad["seen"]
+    assert bad["seen"] - bad["bad"] == 2 * 2 * 3  # 2 steps x 2 ranks x 3 good samples
+    # one process continues: re-based position, the bad counters summed on the one rank
+    train(_train_config(bad_shards, steps=4), run, quiet=True)
+    after = store.read_meta(os.path.join(run, "checkpoints", "step_0000004"))["data"]
+    assert after["bad_data"]["seen"] - after["bad_data"]["bad"] == 12 + 2 * 3
+    consumed_before = set(range(sampler["frontier"])) | set(sampler["exceptions"])
+    probe = GlobalOrderSampler(N, dp_size=2)
+    probe.frontier, probe.exceptions = sampler["frontier"], sampler["exceptions"]
+    for r, k in sampler["scanned"].items():
+        consumed_before |= {probe.free_position(int(r) + j * 2) for j in range(k)}
+    s = after["sampler"]
+    one = GlobalOrderSampler(N)
+    one.frontier, one.exceptions = s["frontier"], s["exceptions"]
+    consumed_after = set(range(s["frontier"])) | set(s["exceptions"]) | {
+        one.free_position(j) for j in range(s["scanned"]["0"])}
+    assert consumed_before < consumed_after
+    assert len(consumed_after) == s["consumed"] == after["bad_data"]["seen"]

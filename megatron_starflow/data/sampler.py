@@ -224,7 +224,8 @@ def merge_bad_data(states: list[dict]) -> dict:
     for s in states:
         for kind, c in s.get("counts", {}).items():
             counts[kind] = counts.get(kind, 0) + int(c)
-    return {"seen": sum(int(s.get("seen", 0)) for s in states), "counts": counts,
+    return {"seen": sum(int(s.get("seen", 0)) for s in states), "bad": sum(counts.values()),
+            "counts": counts,
             "per_rank": {str(s.get("dp_rank", i)): {"seen": int(s.get("seen", 0)),
                                                      "counts": dict(s.get("counts", {}))}
                          for i, s in enumerate(states)}}
