@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +101,24 @@ def step_losses(run_dir: str) -> dict[int, list[float]]:
             if "loss" in rec:
                 out.setdefault(rec["step"], []).append(rec["loss"])
     return out
+
+
+def last_losses(run_dir: str) -> dict[int, float]:
+    """step -> the last loss logged for it."""
+    return {step: values[-1] for step, values in step_losses(run_dir).items()}
+
+
+def rewind(src: str, dst: str, step: int, keep_metrics: bool = True) -> None:
+    """A copy of a finished run whose latest checkpoint is ``step`` (later ones removed)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("submitit"))
+    root = os.path.join(dst, "checkpoints")
+    for d in os.listdir(root):
+        if d.startswith("step_") and int(d.split("_")[1]) > step:
+            shutil.rmtree(os.path.join(root, d))
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write(f"step_{step:07d}")
+    if not keep_metrics:
+        os.remove(os.path.join(dst, "metrics.jsonl"))
 
 
 def final_eval(run_dir: str) -> dict:

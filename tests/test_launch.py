@@ -5,16 +5,13 @@ local executor: exact resume after SIGKILL on 2 processes, DP=2 -> DP=1 and TP=2
 from __future__ import annotations
 
 import io
-import json
 import os
-import shutil
-import signal
 from contextlib import redirect_stdout
 
 import pytest
 
-from helpers_launch import (CONFIG, ROOT, kill_group, latest_step, overrides, run_train,
-                            start_train, step_losses, wait_for)
+from helpers_launch import (CONFIG, ROOT, kill_group, latest_step, overrides, rewind,
+                            run_train, start_train, step_losses, wait_for)
 
 SEVEN_B = os.path.join(ROOT, "examples", "configs", "starflow_v_7b_480p.yaml")
 
@@ -109,17 +106,6 @@ LOCAL2 = ["--executor", "local", "--nodes", "1", "--gpus-per-node", "2"]
 STEPS, EVERY = 6, 3
 
 
-def _rewind(src: str, dst: str, step: int) -> None:
-    """A copy of a finished run whose latest checkpoint is ``step`` (later ones removed)."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("submitit"))
-    root = os.path.join(dst, "checkpoints")
-    for d in os.listdir(root):
-        if d.startswith("step_") and int(d.split("_")[1]) > step:
-            shutil.rmtree(os.path.join(root, d))
-    with open(os.path.join(root, "latest"), "w") as f:
-        f.write(f"step_{step:07d}")
-
-
 @pytest.fixture(scope="module")
 def dp2_reference(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("dp2") / "reference")
@@ -153,7 +139,7 @@ def test_two_processes_sigkill_and_resume_is_bitwise_exact(dp2_reference, tmp_pa
 @pytest.mark.slow
 def test_resume_dp2_checkpoint_on_one_process(dp2_reference, tmp_path):
     run_dir = str(tmp_path / "dp1")
-    _rewind(dp2_reference, run_dir, EVERY)
+    rewind(dp2_reference, run_dir, EVERY)
     proc = run_train(run_dir, overrides(STEPS, EVERY))
     assert f"at step {EVERY}" in proc.stdout + proc.stderr
     from megatron_starflow.training import sharded_checkpoint as store
@@ -175,7 +161,7 @@ def test_resume_tp2_checkpoint_with_tp1(tmp_path):
     run_train(tp2, overrides(STEPS, EVERY, "parallel.tp=2"), LOCAL2, timeout=400)
     ref = {s: v[0] for s, v in step_losses(tp2).items()}
     run_dir = str(tmp_path / "tp1")
-    _rewind(tp2, run_dir, EVERY)
+    rewind(tp2, run_dir, EVERY)
     run_train(run_dir, overrides(STEPS, EVERY, "parallel.tp=1"))
     got = {s: v[-1] for s, v in step_losses(run_dir).items()}
     # same weights, optimizer state, batch and per-sample noise: the first resumed step

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 
 from helpers_dist import ROOT, run_checks
-from helpers_launch import TINY
+from helpers_launch import TINY, last_losses, rewind
 
 STEPS, CKPT = 4, 2
 GLOBAL_BATCH = 4
@@ -32,16 +31,6 @@ def tiny_config(run_dir: str):
     cfg = load_config(os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"), overrides)
     cfg.train.out_dir = run_dir
     return cfg
-
-
-def step_losses(run_dir: str) -> dict[int, float]:
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec:
-                out[rec["step"]] = rec["loss"]
-    return out
 
 
 def rel(a: float, b: float) -> float:
@@ -61,7 +50,7 @@ def runs(tmp_path_factory, megatron_ready):
         json.dump(cfg.to_dict(), f)
     results = run_checks(os.path.join(ROOT, "tests", "dist_scripts", "loop_layouts.py"),
                          str(work / "out.json"), [str(work), config_path], world=4, timeout=900)
-    return {"work": str(work), "ref": step_losses(ref_dir), "results": results}
+    return {"work": str(work), "ref": last_losses(ref_dir), "results": results}
 
 
 @pytest.mark.slow
@@ -92,14 +81,9 @@ def test_four_rank_checkpoint_resumes_on_one_process(runs, tmp_path):
 
     src = os.path.join(runs["work"], "run", "dp4")
     run_dir = str(tmp_path / "dp4_to_1")
-    shutil.copytree(src, run_dir)
-    root = os.path.join(run_dir, "checkpoints")
-    shutil.rmtree(os.path.join(root, f"step_{STEPS:07d}"))
-    with open(os.path.join(root, "latest"), "w") as f:
-        f.write(f"step_{CKPT:07d}")
-    os.remove(os.path.join(run_dir, "metrics.jsonl"))
+    rewind(src, run_dir, CKPT, keep_metrics=False)
     train(tiny_config(run_dir), run_dir, quiet=True)
-    got, ref = step_losses(run_dir), runs["ref"]
+    got, ref = last_losses(run_dir), runs["ref"]
     assert rel(got[CKPT + 1], ref[CKPT + 1]) <= 1e-5
     assert rel(got[STEPS], ref[STEPS]) <= 1e-4
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import traceback
 import warnings
@@ -24,6 +23,7 @@ warnings.filterwarnings("ignore")
 
 import torch.distributed as dist  # noqa: E402
 
+from helpers_launch import last_losses, rewind  # noqa: E402
 from megatron_starflow.config import config_from_dict  # noqa: E402
 from megatron_starflow.parallel.state import initialize  # noqa: E402
 from megatron_starflow.training.trainer import train  # noqa: E402
@@ -50,27 +50,6 @@ def layout_config(base: dict, name: str, world: int):
     return cfg
 
 
-def losses(run_dir: str) -> dict:
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec:
-                out[rec["step"]] = rec["loss"]
-    return out
-
-
-def rewind(src: str, dst: str, step: int) -> None:
-    shutil.copytree(src, dst)
-    root = os.path.join(dst, "checkpoints")
-    for d in os.listdir(root):
-        if d.startswith("step_") and int(d.split("_")[1]) > step:
-            shutil.rmtree(os.path.join(root, d))
-    with open(os.path.join(root, "latest"), "w") as f:
-        f.write(f"step_{step:07d}")
-    os.remove(os.path.join(dst, "metrics.jsonl"))
-
-
 def main() -> None:
     out_path, work, config_path = sys.argv[1:4]
     base = json.load(open(config_path))
@@ -86,7 +65,7 @@ def main() -> None:
         try:
             run_dir = os.path.join(work, "run", name)
             train(layout_config(base, name, world), run_dir, quiet=True)
-            results[key] = losses(run_dir) if rank == 0 else None
+            results[key] = last_losses(run_dir) if rank == 0 else None
         except Exception:  # noqa: BLE001 - reported per check (every rank's in stderr)
             results[key] = {"error": traceback.format_exc()}
             print(f"rank {rank} {key}: {results[key]['error']}", file=sys.stderr)
@@ -97,10 +76,10 @@ def main() -> None:
         try:
             run_dir = os.path.join(work, "resume", f"{src}-{dst}")
             if rank == 0:
-                rewind(os.path.join(work, "run", src), run_dir, ckpt)
+                rewind(os.path.join(work, "run", src), run_dir, ckpt, keep_metrics=False)
             dist.barrier()
             train(layout_config(base, dst, world), run_dir, quiet=True)
-            results[key] = losses(run_dir) if rank == 0 else None
+            results[key] = last_losses(run_dir) if rank == 0 else None
         except Exception:  # noqa: BLE001
             results[key] = {"error": traceback.format_exc()}
             print(f"rank {rank} {key}: {results[key]['error']}", file=sys.stderr)
