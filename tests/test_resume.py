@@ -146,7 +146,7 @@ def test_consecutive_nan_steps_stop_with_checkpoint_from_before(tmp_path):
 def test_preemption_request_saves_and_requeues_in_process(tmp_path):
     from helpers_faults import FaultHooks
 
-    from megatron_starflow.launch.preemption import PreemptionHandler
+    from megatron_starflow.training.preemption import PreemptionHandler
     from megatron_starflow.training.trainer import train
 
     marker = tmp_path / "marker.json"

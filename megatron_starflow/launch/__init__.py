@@ -1,2 +1,3 @@
-"""Launching: executors (local processes, submitit debug, SLURM through submitit), the rank /
-rendezvous environment of a submitit job, and preemption (signal -> checkpoint -> requeue)."""
+"""Launching: executors (local processes, submitit debug, SLURM through submitit) and the rank /
+rendezvous environment of a submitit job. Preemption (signal -> checkpoint -> requeue) is the
+loop's: ``training/preemption.py``."""

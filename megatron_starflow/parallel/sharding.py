@@ -31,6 +31,9 @@ def shard_full_state_dict(full: dict[str, torch.Tensor], model: nn.Module, tp_ra
     params = dict(model.named_parameters())
     out = {}
     for key, local in model.state_dict().items():
+        if key not in full and not torch.is_tensor(local):
+            out[key] = local  # megatron's `_extra_state` (None without TE): nothing to shard
+            continue
         if key not in full:
             raise KeyError(f"{key} is missing from the full state dict")
         value = full[key]

@@ -20,5 +20,5 @@ class TrainHooks:
 
     def requeue(self, signum: int, rank: int, step: int, checkpoint: str) -> str | None:
         """After the preemption checkpoint: return how the job was requeued to replace the real
-        requeue (``launch.preemption.requeue``), or None to let it run."""
+        requeue (``training.preemption.requeue``), or None to let it run."""
         return None

@@ -141,7 +141,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
-        from megatron_starflow.launch.preemption import PreemptionHandler, requeue
+        from megatron_starflow.training.preemption import PreemptionHandler, requeue
 
         self.setup()
         tr, lay = self.cfg.train, self.layout
