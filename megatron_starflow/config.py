@@ -145,6 +145,9 @@ class TrainConfig:
     # sharded over data-parallel ranks as megatron's distributed optimizer) | float64 (tests)
     dtype: str = "float32"
     device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA is present, else cpu) | cpu | cuda
+    # EMA of the flow and denoiser weights, updated after every applied step (0 = off); eval and
+    # sample use it by default when a checkpoint holds one.
+    ema_decay: float = 0.0
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "megatron_starflow"
     threads: int = 0  # torch CPU threads, 0 = torch default
@@ -504,6 +507,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
     if tr.dtype not in ("float32", "bfloat16", "float64"):
         raise ConfigError(f"train.dtype={tr.dtype!r}; valid: float32, bfloat16, float64")
+    if not (math.isfinite(tr.ema_decay) and 0.0 <= tr.ema_decay < 1.0):
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = no EMA), got {tr.ema_decay}")
     if tr.device.split(":", 1)[0] not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device={tr.device!r}; valid: auto, cpu, cuda (or cuda:N)")
     if p.micro_batches < 0:

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cfg", type=checks.GUIDANCE, default=1.0,
                     help=f"suite: guidance weight w in [0, {checks.GUIDANCE_MAX:g}]")
     ev.add_argument("--seed", type=checks.SEED, default=0,
-                    help=f"suite: sampling seed in [0, 2^63 - 1]")
+                    help="suite: sampling seed in [0, 2^63 - 1]")
     ev.add_argument("--threads", type=checks.integer(0), default=0,
                     help="suite: torch threads (0: torch's default)")
     ev.add_argument("--out", help="suite: report JSON (default RUN/eval/cpu_suite_STEP.json)")
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context-parallel ranks sharing the frames (pipelined Jacobi); spawns N "
                          "local gloo processes unless torchrun/SLURM started N")
     sa.set_defaults(func=cmd_sample)
+    for sub_parser in (ev, sa):
+        sub_parser.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
+                                help="training checkpoints: auto = the EMA weights when the "
+                                     "checkpoint holds them (train.ema_decay > 0), else the raw ones")
     for sub_parser in (tr, ev, sa):
         sub_parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                                 help="where to compute (default: train.device of the config, "

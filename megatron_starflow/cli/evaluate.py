@@ -15,7 +15,8 @@ def cmd_eval(args) -> int:
     from megatron_starflow.data.datasets import make_datasets
     from megatron_starflow.evaluation.likelihood import evaluate
 
-    system, step, step_dir = load_system(args.checkpoint, getattr(args, "device", None))
+    system, step, step_dir = load_system(args.checkpoint, getattr(args, "device", None),
+                                         getattr(args, "weights", "auto"))
     data = make_datasets(system.cfg)
     result = evaluate(system, data.heldout, batches=args.batches, batch_size=system.cfg.data.batch_size)
     print(json.dumps({"checkpoint": step_dir, "step": step, **result}, indent=2))
@@ -32,7 +33,8 @@ def cmd_eval_cpu_suite(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    system, step, step_dir = load_system(args.checkpoint, getattr(args, "device", None))
+    system, step, step_dir = load_system(args.checkpoint, getattr(args, "device", None),
+                                         getattr(args, "weights", "auto"))
     out = args.out
     if not out:
         parent = os.path.dirname(step_dir)

@@ -20,7 +20,8 @@ def cmd_sample(args) -> int:
     prompts = prompts_of(args)
     check_outputs(args, len(prompts))
     prefix = conditioning_of(args)
-    system, step, _ = load_system(args.checkpoint, getattr(args, "device", None))
+    system, step, _ = load_system(args.checkpoint, getattr(args, "device", None),
+                                  getattr(args, "weights", "auto"))
     check_against_model(args, system, prompts, None if prefix is None else prefix.shape[0])
     opts = SolverOptions(solver=args.solver, first_block=args.block_size[0],
                          later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)

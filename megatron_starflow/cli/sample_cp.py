@@ -36,7 +36,8 @@ def sample_worker(args) -> None:
     quiet_warnings()
     prompts = args._prompts
     prefix = conditioning_of(args)
-    system, step, _ = load_system(args.checkpoint, getattr(args, "device", None))
+    system, step, _ = load_system(args.checkpoint, getattr(args, "device", None),
+                                  getattr(args, "weights", "auto"))
     check_against_model(args, system, prompts, None if prefix is None else prefix.shape[0],
                         warn=dist.get_rank() == 0)
     if dist.get_world_size() != args.cp:

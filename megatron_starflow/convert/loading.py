@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 
-def load_system(checkpoint: str, device: str | None = None):
+def load_system(checkpoint: str, device: str | None = None, weights: str = "auto"):
     """A training checkpoint (run / checkpoints / step folder) or an inference folder written by
     ``tools/convert_checkpoint.py export`` / ``tools/import_ml_starflow.py`` -> (system, step,
     folder), on one process, in eval mode, on ``device`` (``parallel.device.select_device``:
-    auto | cpu | cuda; None = the config's ``train.device``)."""
+    auto | cpu | cuda; None = the config's ``train.device``). ``weights`` of a training
+    checkpoint: ``auto`` (its EMA when it holds one), ``ema`` or ``raw``."""
     from megatron_starflow.convert.inference import is_inference_folder, load_inference_system
     from megatron_starflow.parallel.device import select_device
 
@@ -21,10 +22,10 @@ def load_system(checkpoint: str, device: str | None = None):
         from megatron_starflow.parallel.state import ensure_single_process
         from megatron_starflow.training.checkpoint import load_checkpoint
 
-        cfg, weights, step, folder = load_checkpoint(checkpoint)
+        cfg, state, step, folder = load_checkpoint(checkpoint, weights)
         ensure_single_process()
         system = StarFlowSystem(cfg, folder)
-        system.load_trainable_state_dict(weights)
+        system.load_trainable_state_dict(state)
     system.to(select_device(device or cfg.train.device))
     system.eval()
     return system, step, folder

@@ -14,8 +14,7 @@ import os
 import torch
 
 
-class NoEMAError(ValueError):
-    pass
+from megatron_starflow.training.checkpoint import NoEMAError  # noqa: F401 - re-exported: --only-ema raises it
 
 
 def read_training_weights(path: str, only_ema: bool = False):
@@ -23,10 +22,7 @@ def read_training_weights(path: str, only_ema: bool = False):
     names plus ``text_encoder.*``, step, step folder)."""
     from megatron_starflow.training.checkpoint import load_checkpoint
 
-    cfg, weights, step, step_dir = load_checkpoint(path)
-    if only_ema:
-        raise NoEMAError(f"--only-ema: {step_dir} holds no EMA weights (training keeps no "
-                         f"exponential moving average yet); export without --only-ema")
+    cfg, weights, step, step_dir = load_checkpoint(path, "ema" if only_ema else "raw")
     out = {}
     for key, value in weights.items():
         if key.startswith("model."):

@@ -34,17 +34,33 @@ def resolve_checkpoint(path: str) -> str:
                             f"--config examples/configs/tiny_cpu.yaml`)")
 
 
-def load_checkpoint(path: str) -> tuple[Config, dict, int, str]:
+class NoEMAError(ValueError):
+    pass
+
+
+def load_checkpoint(path: str, weights: str = "auto") -> tuple[Config, dict, int, str]:
     """-> (config, full weights named as ``StarFlowSystem.trainable_state_dict``, step, step
-    folder). The config is the one saved with the weights, its tokenizer pointed at the
-    checkpoint's own copy."""
+    folder). ``weights``: ``auto`` (the EMA of the flow and denoiser when the checkpoint holds
+    one, else the raw weights), ``ema`` (an error without one) or ``raw``. The config is the one
+    saved with the weights, its tokenizer pointed at the checkpoint's own copy."""
+    if weights not in ("auto", "ema", "raw"):
+        raise ValueError(f"weights={weights!r}; valid: auto, ema, raw")
     step_dir = resolve_checkpoint(path)
     cfg = config_from_dict(store.read_config(step_dir))
     spm = os.path.join(step_dir, "tokenizer", "spm.model")
     if cfg.text.encoder == "sentencepiece" and os.path.isfile(spm):
         cfg.text.path = spm
-    weights = store.load_full_model(step_dir)
-    return cfg, weights, int(store.read_meta(step_dir)["step"]), step_dir
+    state = store.load_full_model(step_dir)
+    if weights != "raw":
+        from megatron_starflow.training.ema import PREFIX
+
+        ema = store.load_full_tensors(step_dir, "model", prefix=PREFIX)
+        if ema:
+            state.update(ema)
+        elif weights == "ema":
+            raise NoEMAError(f"{step_dir} holds no EMA weights (train with train.ema_decay > 0, "
+                             f"e.g. 0.999); use the raw weights instead")
+    return cfg, state, int(store.read_meta(step_dir)["step"]), step_dir
 
 
 def save_system_checkpoint(run_dir: str, step: int, cfg: Config, system,

@@ -25,9 +25,10 @@ FORMAT = "megatron_starflow/dcp-v1"
 
 class CheckpointManager:
     def __init__(self, cfg: Config, run_dir: str, layout: ProcessLayout, system, named_groups,
-                 optimizer, state, tokenizer: str | None, hooks):
+                 optimizer, state, tokenizer: str | None, hooks, ema=None):
         self.cfg, self.run_dir, self.layout = cfg, run_dir, layout
         self.system, self.named_groups, self.optimizer = system, named_groups, optimizer
+        self.ema = ema
         self.state, self.tokenizer, self.hooks = state, tokenizer, hooks
         self.last_saved: tuple[int, str] | None = None
 
@@ -36,6 +37,8 @@ class CheckpointManager:
         named = [(fqn, p) for g in self.named_groups for fqn, p in g["params"]]
         tensors = self.optimizer.model_sharded_state_dict(named, prefix="model.")
         tensors.update(self.optimizer.sharded_state_dict())
+        if self.ema is not None:
+            tensors.update(self.ema.sharded_state_dict())
         return tensors
 
     # ------------------------------------------------------------------------------ save
@@ -67,9 +70,13 @@ class CheckpointManager:
             raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, this version reads "
                              f"{FORMAT!r}")
         template = self._tensors()
-        loaded = store.load(path, template)
+        ema_keys = {k for k in template if k.startswith("ema.")}
+        loaded = store.load(path, {k: v for k, v in template.items() if k not in ema_keys})
         self.optimizer.load_sharded_state_dict(loaded)
         self.optimizer.load_model_sharded_state_dict(loaded, prefix="model.")
+        if self.ema is not None:  # a run may switch the EMA on later: it then starts from here
+            ema = store.load(path, {k: template[k] for k in ema_keys}, strict=False)
+            self.ema.load_sharded_state_dict(ema)
         same = meta.get("parallel") == self.layout.describe()
         self.state.load(meta, store.load_extras(path, self.layout.rank) if same else None)
         self.last_saved = (self.state.step, path)

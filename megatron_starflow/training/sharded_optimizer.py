@@ -406,6 +406,12 @@ class ShardedAdamW:
         return {"master": self._master_rows(e), "exp_avg": self._moment_rows(self._exp_avg, e),
                 "exp_avg_sq": self._moment_rows(self._exp_avg_sq, e), "rows": (e.lo, e.hi)}
 
+    def rows_dtensor(self, fqn: str, rows: torch.Tensor):
+        """``rows`` (this rank's rows of parameter ``fqn``, e.g. an EMA kept like the master) as
+        the DTensor a checkpoint stores, laid out as the master rows."""
+        e = self._entry(fqn)
+        return self.mesh_info.dtensor(rows, e.shape, e.tp_dim, True)
+
     def owned_rows(self, fqn: str) -> tuple[int, int]:
         e = self._entry(fqn)
         return e.lo, e.hi

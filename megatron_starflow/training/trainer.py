@@ -82,8 +82,14 @@ class Trainer:
         from megatron_starflow.training.train_state import TrainState
 
         self.state = TrainState(lay, self.loader, self.guard)
+        self.ema = None
+        if tr.ema_decay:
+            from megatron_starflow.training.ema import RowEMA
+
+            self.ema = RowEMA(self.optimizer, tr.ema_decay)
         self.checkpoints = CheckpointManager(cfg, self.run_dir, lay, self.system, self.named_groups,
-                                             self.optimizer, self.state, self.tokenizer, self.hooks)
+                                             self.optimizer, self.state, self.tokenizer, self.hooks,
+                                             self.ema)
         self.resumed_from = self.checkpoints.resume()
         if self.resumed_from and not self.quiet:
             print(f"resumed from {self.resumed_from} at step {self.state.step}")
@@ -117,6 +123,8 @@ class Trainer:
         if not skip:
             self.optimizer.step({g["name"]: lr for g in self.named_groups},
                                 {g["name"]: tr.grad_clip for g in self.named_groups})
+            if self.ema is not None:
+                self.ema.update()
         self.guard.record(step, skip)
         self.state.step = step + 1
         dt = time.time() - t0
