@@ -52,11 +52,12 @@ class FlowScoreDenoiser(nn.Module):
         h = torch.cat([self.proj_txt(text.to(dtype)), self.proj_in(tokens.to(dtype))], dim=1)
         ahead = layout.lookahead_mask(ahead=1).to(h.device)
         angles = layout.angles(*self.rope).to(h.device)
+        rotary = layout.rotary(*self.rope, h.dtype, h.device)
         if self.lookahead == "every_layer":
-            h = self.transformer(h, ahead, angles)
+            h = self.transformer(h, ahead, angles, rotary=rotary)
         else:
             causal = layout.lookahead_mask(ahead=0).to(h.device)
-            h = self.transformer(h, causal, angles, first_layer_allowed=ahead)
+            h = self.transformer(h, causal, angles, first_layer_allowed=ahead, rotary=rotary)
         out = self.proj_out(self.final_norm(h[:, layout.text_len:]))
         if self.output_scale != 1.0:
             out = out * self.output_scale

@@ -69,6 +69,16 @@ class FlowBlock(nn.Module):
     def _angles(self, layout: SlotLayout, start: int, length: int, like: torch.Tensor):
         return layout.angles(*self.rope)[start:start + length].to(like.device)
 
+    def _rotary(self, layout: SlotLayout, start: int, length: int, like: torch.Tensor):
+        return layout.rotary(*self.rope, like.dtype, like.device)[start:start + length]
+
+    def _transformer(self, h, layout, start, cache=None, commit=False):
+        """The stack over slots start..start+S-1 (RoPE tables and masks from the layout)."""
+        length = h.shape[1]
+        return self.transformer(h, layout.attention_mask(start, length),
+                                self._angles(layout, start, length, h), cache, commit,
+                                rotary=self._rotary(layout, start, length, h))
+
     # -- training / encoding: all tokens in parallel ----------------------------------------
     def forward(self, x: torch.Tensor, layout: SlotLayout, text: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +87,7 @@ class FlowBlock(nn.Module):
         h = self.video_inputs(shifted, 0)
         if layout.text_len:
             h = torch.cat([self.proj_txt(text.to(h.dtype)), h], dim=1)
-        mask = layout.causal_mask().to(x.device)
-        h = self.transformer(h, mask, self._angles(layout, 0, layout.total, h))
+        h = self._transformer(h, layout, 0)
         b, log_sigma = self.head(h[:, layout.text_len:])
         z = (x - b) * torch.exp(-log_sigma)
         return z, -log_sigma.flatten(1).sum(1)
@@ -87,20 +96,16 @@ class FlowBlock(nn.Module):
     def prefill_text(self, text: torch.Tensor, layout: SlotLayout, cache: KVCache) -> None:
         """Commit the text prefix's keys/values (deep block) into an empty cache."""
         h = self.proj_txt(text.to(self.proj_in.weight.dtype))
-        mask = layout.causal_mask(0, layout.text_len).to(h.device)
-        self.transformer(h, mask, self._angles(layout, 0, layout.text_len, h), cache, commit=True)
+        self._transformer(h, layout, 0, cache, commit=True)
 
     def predict(self, prev_tokens: torch.Tensor, start: int, layout: SlotLayout, cache: KVCache,
                 commit: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, log sigma) of tokens start..start+S-1 given their inputs x_{start-1}..x_{start+S-2}
         and a cache holding every earlier slot. ``commit`` appends these slots to the cache."""
-        length = prev_tokens.shape[1]
         slot = layout.text_len + start
         if len(cache) != slot:
             raise RuntimeError(f"KV cache holds {len(cache)} slots, expected {slot}")
-        h = self.video_inputs(prev_tokens, start)
-        mask = layout.causal_mask(slot, length).to(h.device)
-        h = self.transformer(h, mask, self._angles(layout, slot, length, h), cache, commit)
+        h = self._transformer(self.video_inputs(prev_tokens, start), layout, slot, cache, commit)
         return self.head(h)
 
     @torch.no_grad()

@@ -40,9 +40,19 @@ class SlotLayout:
     def angles(self, head_dim: int, base: float, time_fraction: float) -> torch.Tensor:
         return _angles(self, head_dim, base, time_fraction)
 
+    def rotary(self, head_dim: int, base: float, time_fraction: float, dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        """``rope.rotary_factors`` of ``angles``, computed once per layout, dtype and device."""
+        return _rotary(self, head_dim, base, time_fraction, dtype, str(device))
+
     def labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(slot index, frame index, is-text) of every slot; text slots are labelled frame 0."""
         return _labels(self)
+
+    def attention_mask(self, q_start: int = 0, q_len: int | None = None) -> torch.Tensor | None:
+        """``causal_mask``, or None when it is plain causal (no window): the stack then needs no
+        mask for a one-slot query and uses the causal kernel for a whole sequence."""
+        return None if self.window <= 0 else self.causal_mask(q_start, q_len)
 
     def causal_mask(self, q_start: int = 0, q_len: int | None = None) -> torch.Tensor:
         """Allowed [q_len, q_start + q_len] for queries q_start.. attending to every earlier slot."""
@@ -73,3 +83,9 @@ def _angles(layout: SlotLayout, head_dim: int, base: float, time_fraction: float
     if layout.text_len:
         coords = torch.cat([rope.text_coords(layout.text_len, layout.pt_seq_len), coords])
     return rope.rope_angles(coords, head_dim, base, time_fraction)
+
+
+@lru_cache(maxsize=64)
+def _rotary(layout: SlotLayout, head_dim: int, base: float, time_fraction: float, dtype: torch.dtype,
+            device: str) -> torch.Tensor:
+    return rope.rotary_factors(_angles(layout, head_dim, base, time_fraction), dtype).to(device)

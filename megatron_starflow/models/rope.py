@@ -65,3 +65,25 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     x0, x1 = x[..., 0::2], x[..., 1::2]
     c, s = cos[..., 0::2], sin[..., 0::2]
     return torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2)
+
+
+def rotary_factors(angles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The per-pair rotations of ``angles`` [S, d] (interleaved) for ``rotate_pairs``: complex
+    exp(i angle) ``[S, d/2]`` for float32/float64, else ``[S, d/2, 2]`` (cos, sin) in ``dtype``.
+    cos and sin are taken of the angles cast to ``dtype``, as megatron's rotary embedding does, so
+    both give the same values."""
+    pairs = angles[:, 0::2].to(dtype)
+    if dtype in (torch.float32, torch.float64):
+        return torch.complex(pairs.cos(), pairs.sin())
+    return torch.stack([pairs.cos(), pairs.sin()], dim=-1)
+
+
+def rotate_pairs(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` with precomputed ``rotary_factors`` (broadcast against ``x[..., d/2]``): one
+    complex multiply of the pairs (x0 + i x1) exp(i angle) when the factors are complex."""
+    if factors.is_complex():
+        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * factors).flatten(-2)
+    c, s = factors[..., 0], factors[..., 1]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2)

@@ -24,13 +24,12 @@ to the cache without committing until the block has converged.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_starflow.config import ParallelConfig
+from megatron_starflow.models import rope
 
 
 def _megatron():
@@ -51,23 +50,89 @@ def _megatron():
     return locals()
 
 
-@dataclass
 class KVCache:
-    """Keys and values per layer, ``[S, B, heads, head_dim]`` (megatron's sequence-first layout)."""
+    """Keys and values of the cached slots, per layer, in preallocated buffers
+    ``[B, kv_heads, capacity, head_dim]`` written in place (no concatenation per step).
 
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)
-    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    ``len(cache)`` is the number of committed slots. Every cached pass writes the keys of its S
+    slots right after them, at ``[len, len + S)``, and attends to ``[0, len + S)``; the stack then
+    commits them (``advance``) or not. Uncommitted keys stay in the buffer until the next pass
+    overwrites them, so a Jacobi solver may keep the keys of its last iteration with
+    ``commit_written()`` instead of paying one more pass. ``capacity`` (slots) sizes the buffers
+    on the first write; they grow (doubling) if a pass would overflow them."""
+
+    def __init__(self, capacity: int = 0):
+        self.capacity = int(capacity)
+        self.length = 0
+        self.written = 0  # slots written after ``length`` by the last pass
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
-        return 0 if not self.keys else next(iter(self.keys.values())).shape[0]
+        return self.length
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self._k)
+
+    def _ensure(self, layer: int, like: torch.Tensor, need: int) -> None:
+        buf = self._k.get(layer)
+        if buf is not None and buf.shape[2] >= need and buf.shape[0] == like.shape[0]:
+            return
+        cap = max(need, self.capacity, 2 * buf.shape[2] if buf is not None else 0)
+        shape = (like.shape[0], like.shape[1], cap, like.shape[3])
+        k, v = like.new_empty(shape), like.new_empty(shape)
+        if buf is not None:
+            if buf.shape[0] != like.shape[0]:
+                raise RuntimeError(f"KV cache holds a batch of {buf.shape[0]}, a pass brought "
+                                   f"{like.shape[0]}")
+            k[:, :, :self.length] = buf[:, :, :self.length]
+            v[:, :, :self.length] = self._v[layer][:, :, :self.length]
+        self._k[layer], self._v[layer] = k, v
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """Keys/values ``[B, kv_heads, S, d]`` of a pass's S slots -> the layer's keys and values
+        of slots ``[0, len + S)`` (views of the buffers)."""
+        s = key.shape[2]
+        end = self.length + s
+        self._ensure(layer, key, end)
+        k, v = self._k[layer], self._v[layer]
+        k[:, :, self.length:end] = key
+        v[:, :, self.length:end] = value
+        self.written = s
+        return k[:, :, :end], v[:, :, :end]
+
+    def advance(self, slots: int) -> None:
+        """Commit ``slots`` slots written by the last pass."""
+        self.length += slots
+        self.written = 0
+
+    def commit_written(self) -> None:
+        """Commit the slots the last pass wrote (its keys come from that pass's inputs)."""
+        self.advance(self.written)
+
+    def get(self, layer: int, lo: int = 0, hi: int | None = None):
+        """(keys, values) ``[B, kv_heads, hi - lo, d]`` of committed slots ``[lo, hi)``."""
+        hi = self.length if hi is None else hi
+        return self._k[layer][:, :, lo:hi], self._v[layer][:, :, lo:hi]
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write keys/values ``[B, kv_heads, S, d]`` after the committed slots of one layer (call
+        ``advance(S)`` once every layer has them)."""
+        self.write(layer, key, value)
 
     def truncate(self, length: int) -> None:
-        for store in (self.keys, self.values):
-            for layer in store:
-                store[layer] = store[layer][:length]
+        self.length = min(self.length, length)
+        self.written = 0
 
     def clone(self) -> "KVCache":
-        return KVCache(dict(self.keys), dict(self.values))
+        """An independent copy of the committed slots (same capacity)."""
+        out = KVCache(self.capacity)
+        out.length = self.length
+        for layer in self._k:
+            out._k[layer] = self._k[layer].clone()
+            out._v[layer] = self._v[layer].clone()
+        return out
 
 
 class _CacheState:
@@ -98,15 +163,9 @@ def _core_attention_class():
             if self.mask_override is not None:
                 attention_mask = self.mask_override
             state = self.cache_state
-            if state is not None:
-                past_k = state.cache.keys.get(self.layer_number)
-                if past_k is not None:
-                    key = torch.cat([past_k, key], dim=0)
-                    value = torch.cat([state.cache.values[self.layer_number], value], dim=0)
-                if state.commit:
-                    state.cache.keys[self.layer_number] = key
-                    state.cache.values[self.layer_number] = value
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            if state is not None:
+                k, v = state.cache.write(self.layer_number, k, v)
             if k.shape[1] != q.shape[1]:  # grouped-query attention: share kv heads
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
                 v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -325,6 +384,8 @@ class TransformerStack(nn.Module):
                                          tp=tp, sp=bool(sp and tp > 1), fp8=fp8,
                                          fp8_recipe=fp8_recipe)
         self.tp, self.sp = tp, self.config.sequence_parallel
+        self.spec, self.fp8 = spec, fp8
+        self.fast = True  # see uses_fast_path; tests compare it with megatron's block
         self.block = mc["TransformerBlock"](
             self.config, mc["TransformerBlockSubmodules"](layer_specs=[layer] * layers),
             post_layer_norm=False)
@@ -365,13 +426,42 @@ class TransformerStack(nn.Module):
         full[..., :s, past + s:] = True
         return x, full, freqs, pad
 
-    def forward(self, hidden: torch.Tensor, allowed: torch.Tensor, angles: torch.Tensor,
+    def uses_fast_path(self, hidden: torch.Tensor) -> bool:
+        """Whether ``forward`` runs the layers itself (``_fast_forward``) instead of through
+        megatron's TransformerBlock: a local-spec stack without TP, SP or FP8, outside autocast,
+        whose core attention is not patched (context parallelism swaps it)."""
+        if not self.fast or self.spec != "local" or self.tp != 1 or self.sp:
+            return False
+        kind = hidden.device.type  # devices without autocast (torch's lazy test device) have none on
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+            return False
+        return "forward" not in self.block.layers[0].self_attention.core_attention.__dict__
+
+    def forward(self, hidden: torch.Tensor, allowed: torch.Tensor | None, angles: torch.Tensor,
                 cache: KVCache | None = None, commit: bool = False,
-                first_layer_allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """``hidden`` [B, S, W]; ``allowed`` [S, S_past + S] (True = attend); ``angles`` [S, d] RoPE
-        angles of these S slots; with a cache, keys of earlier slots are read from it (and this
-        call's keys appended when ``commit``). ``first_layer_allowed`` replaces ``allowed`` in the
-        first layer only."""
+                first_layer_allowed: torch.Tensor | None = None,
+                rotary: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden`` [B, S, W]; ``allowed`` [S, S_past + S] (True = attend), or None for causal
+        attention (every query sees each slot up to its own, cached ones included); ``angles``
+        [S, d] RoPE angles of these S slots (``rotary``: the same as ``rope.rotary_factors`` of
+        them, precomputed once per layout); with a cache, keys of earlier slots are read from it
+        (and this call's keys committed to it when ``commit``). ``first_layer_allowed`` replaces
+        ``allowed`` in the first layer only."""
+        past = 0 if cache is None else len(cache)
+        s = hidden.shape[1]
+        if allowed is not None:
+            allowed = allowed.to(hidden.device)
+        if first_layer_allowed is not None:
+            first_layer_allowed = first_layer_allowed.to(hidden.device)
+        if self.uses_fast_path(hidden):
+            if rotary is None or rotary.device != hidden.device:
+                rotary = rope.rotary_factors(angles, hidden.dtype).to(hidden.device)
+            out = self._fast_forward(hidden, allowed, rotary, cache, first_layer_allowed)
+            if cache is not None and commit:
+                cache.advance(s)
+            return out
+        if allowed is None:
+            allowed = torch.ones(s, past + s, dtype=torch.bool, device=hidden.device).tril_(past)
         x = hidden.transpose(0, 1).contiguous()
         mask = ~allowed.reshape(1, 1, *allowed.shape[-2:]) if allowed.dim() == 2 else ~allowed
         first = None
@@ -381,9 +471,10 @@ class TransformerStack(nn.Module):
         if not self.sp:
             with self._cached(cache, commit, first):
                 out = self.block(x, mask, rotary_pos_emb=freqs)
+            if cache is not None and commit:
+                cache.advance(s)
             return out.transpose(0, 1)
         mc = _megatron()
-        cached_before = 0 if cache is None else len(cache)
         if first is not None:
             first = self._pad_for_sp(x, first, freqs)[1]
         x, mask, freqs, pad = self._pad_for_sp(x, mask, freqs)
@@ -398,9 +489,71 @@ class TransformerStack(nn.Module):
         out = mc["gather_from_sequence_parallel_region"](out, tensor_parallel_output_grad=False)
         if pad:
             out = out[:-pad]
-            if cache is not None and commit:
-                cache.truncate(cached_before + out.shape[0])
+        if cache is not None and commit:
+            cache.advance(s)  # the pad slots written after them are never committed
         return out.transpose(0, 1)
+
+    # -- the fast path ---------------------------------------------------------------------------
+    def _fast_forward(self, x, allowed, rotary, cache, first_layer_allowed):
+        """The layers of the block computed directly from their parameters, batch-first: the same
+        math as megatron's TransformerLayer with the local spec (pre-LN attention with RoPE on q
+        and k, bias + residual, pre-LN GELU MLP, bias + residual) in fewer operations: fused
+        bias in the linears, both RoPE rotations in one complex multiply with a precomputed table,
+        no [S, B] transposes, one additive mask per call (or none: a one-slot query of a causal
+        stack sees everything; a square causal pass uses SDPA's causal kernel)."""
+        past = 0 if cache is None else len(cache)
+        s = x.shape[1]
+        attn = _sdpa_mask(allowed, s, past, x.dtype, x.device)
+        first = attn if first_layer_allowed is None else _sdpa_mask(first_layer_allowed, s, past,
+                                                                    x.dtype, x.device)
+        recompute = (self.config.recompute_granularity == "full" and self.training
+                     and torch.is_grad_enabled())
+        for i, layer in enumerate(self.block.layers):
+            mask = first if i == 0 else attn
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(self._fast_layer, layer, x, rotary, mask, None,
+                                                      use_reentrant=False)
+            else:
+                x = self._fast_layer(layer, x, rotary, mask, cache)
+        return x
+
+    def _fast_layer(self, layer, x, rotary, mask, cache):
+        b, s, w = x.shape
+        d = self.head_dim
+        heads = self.config.num_attention_heads
+        ln = layer.input_layernorm
+        h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        att = layer.self_attention
+        qkv = F.linear(h, att.linear_qkv.weight, att.linear_qkv.bias).view(b, s, heads, 3, d)
+        qk = rope.rotate_pairs(qkv[:, :, :, :2], rotary[:, None, None])  # [B, S, H, 2, d]
+        q, k = qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2)
+        v = qkv[:, :, :, 2].transpose(1, 2)
+        if cache is not None:
+            k, v = cache.write(layer.layer_number, k, v)
+        additive, causal = mask
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, is_causal=causal,
+                                           scale=att.core_attention.softmax_scale)
+        o = o.transpose(1, 2).reshape(b, s, heads * d)
+        x = x + F.linear(o, att.linear_proj.weight, att.linear_proj.bias)
+        ln = layer.pre_mlp_layernorm
+        h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        mlp = layer.mlp
+        h = self.config.activation_func(F.linear(h, mlp.linear_fc1.weight, mlp.linear_fc1.bias))
+        return x + F.linear(h, mlp.linear_fc2.weight, mlp.linear_fc2.bias)
+
+
+def _sdpa_mask(allowed, s, past, dtype, device):
+    """Boolean mask (True = attend; None = causal over ``past`` cached + ``s`` new slots) -> SDPA's
+    (additive mask or None, is_causal), built once per stack call."""
+    if allowed is None:
+        if s == 1:  # the newest slot sees every cached one
+            return None, False
+        if past == 0:
+            return None, True
+        mask = torch.full((s, past + s), float("-inf"), dtype=dtype, device=device)
+        return mask.triu_(past + 1), False
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, float("-inf")), False
 
 
 class ZeroCenteredRMSNorm(nn.Module):

@@ -113,10 +113,12 @@ class CPBlockInverter(BlockInverter):
                 if msg.kv_from != self._final_len():
                     raise RuntimeError(f"rank {self.rank}: KV for slots {msg.kv_from}.. arrived, "
                                        f"cache holds {self._final_len()}")
+                # On the wire [2 * layers, S, B, heads, d]; the cache holds [B, heads, S, d].
                 n = len(self._layer_ids())
                 for i, layer in enumerate(self._layer_ids()):
-                    for store, part in ((self.final.keys, msg.kv[i]), (self.final.values, msg.kv[n + i])):
-                        store[layer] = part if layer not in store else torch.cat([store[layer], part])
+                    self.final.append(layer, msg.kv[i].permute(1, 2, 0, 3),
+                                      msg.kv[n + i].permute(1, 2, 0, 3))
+                self.final.advance(msg.kv.shape[1])
             assert msg.final_len == self._final_len(), (msg.final_len, self._final_len(), text)
         return bool(msgs)
 
@@ -129,8 +131,8 @@ class CPBlockInverter(BlockInverter):
         if final > self.sent_final:
             text, ids = self.layout.text_len, self._layer_ids()
             lo, hi = text + self.sent_final, text + final
-            kv = torch.stack([self.final.keys[i][lo:hi] for i in ids]
-                             + [self.final.values[i][lo:hi] for i in ids])
+            kv = torch.stack([self.final.get(i, lo, hi)[0] for i in ids]
+                             + [self.final.get(i, lo, hi)[1] for i in ids]).permute(0, 3, 1, 2, 4)
         # Messages travel over gloo from host memory (a GPU run stages them through the CPU).
         kv = None if kv is None else kv.cpu()
         self.out_link.send(Message(final, self.sent_final, final, x[:, :upto].cpu().clone(), kv, last))
