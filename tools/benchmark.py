@@ -12,8 +12,9 @@ wall seconds, the deep and shallow network evaluations and the largest absolute 
 the sequential result, both of the tokens before denoising (``Generation.tokens``) and of the
 uint8 video, plus the speed-up of each method over the sequential one.
 
-``data`` writes synthetic VP9 files, packs them into video and latent shards and times one
-epoch-sized pass of each input path (DALI CPU, PyAV, latent shards): clips/s and frames/s.
+``data`` writes synthetic VP9 and H.264 files, packs them into video, decoded-clip and latent
+shards and times each input path per rank (``benchmarks/data_throughput.py``, which has more
+options): clips/s against what a 7B step consumes.
 
 New benchmarks (``train``, ...) are added as one ``cmd_<name>`` function and one
 ``add_parser`` block in ``build_parser``.
@@ -219,61 +220,17 @@ def cmd_sampling(args) -> int:
 
 def run_data_benchmark(clips: int = 48, frames: int = 8, size: int = 32, file_frames: int = 16,
                        batch: int = 8, epochs: int = 2, threads: int = 2, workdir: str = "") -> dict:
-    """Clips/s and frames/s of the three training input paths, on the same synthetic clips in one
-    run: DALI CPU decoding of VP9 shards, PyAV decoding of the same shards, and the latent-shard
-    path (pre-decoded clips: no decoding). Files are 4:2:0 VP9 of ``file_frames`` frames; a clip
-    is ``frames`` frames of ``size x size``."""
-    import os
-    import tempfile
+    """``benchmarks/data_throughput.py``'s ``run`` on ``size x size`` clips: clips/s per rank of
+    every input path (DALI, PyAV, decoded-clip shards, latent shards at the 7B shapes; in the loop
+    and with 2 decode workers) against what a 7B step consumes. ``epochs`` passes are timed."""
+    import importlib.util
 
-    import torch
-
-    from megatron_starflow.config import load_config
-    from megatron_starflow.data.shards import read_shards
-    from megatron_starflow.data.video import ClipSpec, VideoClipIterator, dali_available
-
-    torch.set_num_threads(threads)
-    make_synthetic_data = _sibling_tool("make_synthetic_data")
-    prepare_data = _sibling_tool("prepare_data")
-
-    root = workdir or tempfile.mkdtemp(prefix="bench_data_")
-    videos, vshards, lshards = (os.path.join(root, n) for n in ("videos", "video_shards", "latent_shards"))
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        make_synthetic_data.main(["--out", videos, "--num", str(clips), "--frames", str(file_frames),
-                                  "--height", str(size), "--width", str(size), "--fps", "16",
-                                  "--format", "webm", "--vp9-lossy", "--overwrite"])
-        prepare_data.main(["--input", videos, "--out", vshards, "--shard-size", "16", "--overwrite"])
-        prepare_data.main(["--input", videos, "--out", lshards, "--latents", "--shard-size", "16",
-                           "--overwrite",
-                           "--config", str(REPO / "examples/configs/tiny_cpu.yaml"),
-                           f"data.frames={frames}", f"data.height={size}", f"data.width={size}"])
-    spec = ClipSpec(frames, size, size, start="random")
-    paths = {"dali_cpu": (vshards, "dali"), "pyav": (vshards, "pyav"), "latent_shards": (lshards, "auto")}
-    if not dali_available():
-        paths.pop("dali_cpu")
-    results = {}
-    for name, (shards, backend) in paths.items():
-        records, sizes = read_shards(shards)
-        it = VideoClipIterator(records, spec, backend, seed=0, batch_size=batch, shard_sizes=sizes)
-        it.next_batch()  # warm-up: pipeline build, first file opens
-        steps = max(1, epochs * len(records) // batch)
-        n = 0
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            n += it.next_batch()["video"].shape[0]
-        seconds = time.perf_counter() - t0
-        results[name] = {"clips_per_s": n / seconds, "frames_per_s": n * frames / seconds,
-                         "clips": n, "seconds": seconds, "bad": it.bad.bad,
-                         "decoded_by": {k: v for k, v in it.decoded_by.items() if v}}
-    base = results["pyav"]["clips_per_s"]
-    return {"benchmark": "data", "clips": clips, "file": f"VP9 4:2:0 webm, {file_frames} frames, "
-            f"{size}x{size}, 16 fps", "clip": [frames, size, size], "batch": batch,
-            "threads": threads, "cpu_count": os.cpu_count(), "paths": results,
-            "speedup_vs_pyav": {k: r["clips_per_s"] / base for k, r in results.items() if k != "pyav"},
-            "workdir": root}
+    spec = importlib.util.spec_from_file_location("starflow_data_throughput",
+                                                  REPO / "benchmarks" / "data_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run(clips=clips, file_frames=file_frames, frames=frames, height=size, width=size,
+                      batch=batch, timed_clips=epochs * clips, threads=threads, workdir=workdir)
 
 
 def cmd_data(args) -> int:
