@@ -264,25 +264,39 @@ def gpu_check(clips: int = 16) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda: the process's device (DALI follows it)")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="decode worker processes")
-    p.add_argument("--clips", type=int, default=16, help="synthetic files per codec")
-    p.add_argument("--timed-clips", type=int, default=32, help="clips timed per path and worker count")
-    p.add_argument("--file-frames", type=int, default=17)
-    p.add_argument("--frames", type=int, default=17, help="frames per clip")
-    p.add_argument("--height", type=int, default=128)
-    p.add_argument("--width", type=int, default=224)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--latent-samples", type=int, default=16, help="latent shard samples at 7B shapes")
-    p.add_argument("--mfu", type=float, default=0.4)
-    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
-    p.add_argument("--gpus", type=int, default=96)
-    p.add_argument("--gpu-gb", type=float, default=80.0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the loop process")
+    from megatron_starflow.cli import checks
+
+    count, positive = checks.integer(1), checks.real(0.0, lo_open=True)
+    p = checks.ArgumentParser(prog="benchmarks/data_throughput.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="the process's device (DALI's decoder follows it)")
+    p.add_argument("--workers", type=checks.integer(0, 64), nargs="+", default=[0, 2],
+                   help="decode worker processes, one row each (0 = in the loop)")
+    p.add_argument("--clips", type=count, default=16, help="synthetic files per codec")
+    p.add_argument("--timed-clips", type=count, default=32, help="clips timed per path and worker count")
+    p.add_argument("--file-frames", type=count, default=17)
+    p.add_argument("--frames", type=count, default=17, help="frames per clip (<= --file-frames)")
+    p.add_argument("--height", type=checks.integer(8, 4096), default=128, help="even")
+    p.add_argument("--width", type=checks.integer(8, 4096), default=224, help="even")
+    p.add_argument("--batch", type=count, default=4)
+    p.add_argument("--latent-samples", type=count, default=16, help="latent shard samples at 7B shapes")
+    p.add_argument("--mfu", type=checks.real(0.0, 1.0, lo_open=True), default=0.4)
+    p.add_argument("--peak-tflops", type=positive, default=H100_BF16_DENSE_TFLOPS)
+    p.add_argument("--gpus", type=count, default=96)
+    p.add_argument("--gpu-gb", type=positive, default=80.0)
+    p.add_argument("--threads", type=count, default=1, help="torch CPU threads of the loop process")
     p.add_argument("--gpu-check", action="store_true", help="run gpu_check() (CUDA) instead")
-    p.add_argument("--workdir", default="")
-    args = p.parse_args(argv)
+    p.add_argument("--workdir", default="", help="where files and shards go (default: a temp dir)")
+    args, code = checks.parse(p, argv)
+    if args is None:
+        return code
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value % 2:
+            p.error(f"{flag} {value}: 4:2:0 video needs an even size")
+    if args.file_frames < args.frames:
+        p.error(f"--file-frames {args.file_frames} is fewer than --frames {args.frames}: a clip must "
+                f"fit in a file")
     if args.gpu_check:
         print(json.dumps(gpu_check(), indent=1))
         return 0

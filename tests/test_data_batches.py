@@ -292,3 +292,21 @@ def test_two_rank_checkpoint_holds_both_strides_and_resumes_on_one_process(bad_s
         one.free_position(j) for j in range(s["scanned"]["0"])}
     assert consumed_before < consumed_after
     assert len(consumed_after) == s["consumed"] == after["bad_data"]["seen"]
+
+
+def test_data_throughput_benchmark_reports_every_path_and_the_7b_need(tmp_path):
+    bench = load_script("benchmarks/data_throughput.py")
+    out = bench.run(device="cpu", workers=(0,), clips=2, file_frames=5, frames=5, height=16, width=16,
+                    batch=2, latent_samples=2, timed_clips=4, workdir=str(tmp_path))
+    assert set(out["paths"]) >= {"pyav_vp9", "pyav_h264", "decoded_clip_shards", "latent_shards_7b"}
+    for name, res in out["paths"].items():
+        row = res["workers"]["0"]
+        assert row["clips"] == 4 and row["bad"] == 0 and row["clips_per_s"] > 0, name
+    assert out["paths"]["latent_shards_7b"]["workers"]["0"]["decoded_by"] == {"latents": 6}
+    assert "not measured" in out["not_measured"]["dali_gpu_h264"]
+    need = out["requirement_7b"]
+    # every rank of a replica (tp x pp; the 7B config has cp 1) reads the replica's batch
+    assert need["layout"]["tp"] * need["layout"]["pp"] == need["ranks_reading_one_replica_batch"]
+    assert need["clips_per_s_per_rank"] == need["clips_per_s_per_gpu"] * need["ranks_reading_one_replica_batch"]
+    assert abs(need["clips_per_s_per_gpu"] - 0.4 * 989e12 / need["model_flops_per_clip"]) < 1e-12
+    assert set(out["keeps_up"]) == set(out["paths"])
