@@ -206,7 +206,7 @@ def test_worker_processes_give_the_same_batches_as_the_loop_and_resume_exactly(v
 
 
 # ------------------------------------------------------------------------------------------------
-def _train_config(shards: str, steps: int = 4):
+def _train_config(shards: str, steps: int = 4, workers: int = 0):
     from megatron_starflow.config import load_config
 
     from helpers_launch import TINY
@@ -215,7 +215,7 @@ def _train_config(shards: str, steps: int = 4):
                        [*TINY, f"train.steps={steps}", "train.ckpt_every=2", f"train.eval_every={steps}",
                         "data.batch_size=3", "data.source=shards", f"data.shards={shards}",
                         f"data.heldout_shards={shards}", "data.max_bad_fraction=0.5",
-                        "data.crop=random", "train.keep_checkpoints=3"])
+                        "data.crop=random", "train.keep_checkpoints=3", f"data.num_workers={workers}"])
 
 
 def _metrics(run_dir: str) -> dict[int, float]:
@@ -235,7 +235,7 @@ def _rewind(run_dir: str, step: int) -> None:
     os.remove(os.path.join(run_dir, "metrics.jsonl"))
 
 
-def test_training_on_bad_shards_resumes_exactly(bad_shards, tmp_path):
+def test_training_on_bad_shards_resumes_exactly_with_decode_workers(bad_shards, tmp_path):
     import shutil
 
     from megatron_starflow.training import sharded_checkpoint as store
@@ -254,7 +254,7 @@ def test_training_on_bad_shards_resumes_exactly(bad_shards, tmp_path):
     resumed = str(tmp_path / "resumed")
     shutil.copytree(run, resumed)
     _rewind(resumed, 2)
-    train(_train_config(bad_shards), resumed, quiet=True)
+    train(_train_config(bad_shards, workers=2), resumed, quiet=True)  # decoding in 2 workers now
     again = _metrics(resumed)
     assert sorted(again) == [3, 4] and all(again[s] == full[s] for s in (3, 4)), (full, again)
 

@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--no-frames", dest="frames", action="store_false",
                    help="--latents with a lossy codec: do not store the decoded clips (latent shards "
                         "for data.source=latent_shards only; a 480p 81-frame clip is ~97 MB)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="--latents: where the VAE and the text encoder run (auto = cuda:LOCAL_RANK when "
+                        "CUDA is present, else cpu); the stored tensors are float32 either way")
     p.add_argument("overrides", nargs="*", help="--latents: section.key=value config overrides")
     args = p.parse_args(argv)
     if args.latents and not args.config:
@@ -128,7 +131,7 @@ def pack_videos(records, out: str, shard_size: int, shard_bytes: int, check: boo
 
 
 def pack_latents(records, out: str, shard_size: int, shard_bytes: int, cfg, backend: str, log,
-                 frames: bool = True) -> dict:
+                 frames: bool = True, device: str = "cpu") -> dict:
     """Decode each clip once (deterministic: first frames, centre crop) at the config's size and
     store it (unless ``frames`` is False) + the codec's normalised latent for a lossy codec + the
     text embedding of the formatted caption for a frozen text encoder; once per shard set, the
@@ -141,23 +144,26 @@ def pack_latents(records, out: str, shard_size: int, shard_bytes: int, cfg, back
     from megatron_starflow.data.video import BadSample, VideoClipIterator, clip_spec
     from megatron_starflow.models.system import format_captions
 
+    from megatron_starflow.parallel.device import select_device
+
+    if not frames and cfg.data.codec == "s2d":
+        raise SystemExit("error: --no-frames needs a lossy codec (data.codec=wan): the s2d codec "
+                         "trains from the stored frames")
+    dev = select_device(device)  # the encoders run there; DALI (--backend dali/auto) follows it
     spec = clip_spec(cfg, train=False)
-    it = VideoClipIterator(records, spec, backend, shuffle=False, bad_log=log, batch_size=8)
+    it = VideoClipIterator(records, spec, backend, shuffle=False, bad_log=log, batch_size=8, device=dev)
     codec = text_encoder = null_text = None
     if cfg.data.codec != "s2d":
         from megatron_starflow.models.system import make_codec
 
-        codec = make_codec(cfg).eval()
+        codec = make_codec(cfg).eval().to(dev)
     if cfg.text.encoder != "sentencepiece":
         from megatron_starflow.models.system import make_text_encoder
 
-        text_encoder = make_text_encoder(cfg, out).eval()
+        text_encoder = make_text_encoder(cfg, out).eval().to(dev)
         with torch.no_grad():
-            null_text = text_encoder(format_captions(cfg, [""]))[0][0].float().numpy()
+            null_text = text_encoder(format_captions(cfg, [""]))[0][0].float().cpu().numpy()
         write_npy(os.path.join(out, NULL_TEXT), null_text)
-    if not frames and codec is None:
-        raise SystemExit("error: --no-frames needs a lossy codec (data.codec=wan): the s2d codec "
-                         "trains from the stored frames")
     keys = _unique_keys(records)
     latent_shape = None
     with ShardWriter(out, shard_size, shard_bytes) as writer:
@@ -174,12 +180,12 @@ def pack_latents(records, out: str, shard_size: int, shard_bytes: int, cfg, back
                     members["frames.npy"] = npy_bytes(clip)
                 with torch.no_grad():
                     if codec is not None:
-                        latent = codec.encode(torch.from_numpy(clip)[None])[0].float().numpy()
+                        latent = codec.encode(torch.from_numpy(clip)[None])[0].float().cpu().numpy()
                         latent_shape = latent.shape
                         members["latent.npy"] = npy_bytes(latent)
                     if text_encoder is not None:
                         text = format_captions(cfg, [record.caption])
-                        members["text.npy"] = npy_bytes(text_encoder(text)[0][0].float().numpy())
+                        members["text.npy"] = npy_bytes(text_encoder(text)[0][0].float().cpu().numpy())
                 writer.write(keys[position], members)
         extra = {"kind": "latent", "codec": cfg.data.codec, "clip": [spec.frames, spec.height, spec.width]}
         if codec is not None or text_encoder is not None:
@@ -208,7 +214,7 @@ def main(argv=None) -> int:
 
         cfg = load_config(args.config, args.overrides)
         result = pack_latents(records, args.out, args.shard_size, args.shard_bytes, cfg, args.backend, log,
-                              args.frames)
+                              args.frames, args.device)
     else:
         codecs = {c.strip() for c in args.codecs.split(",") if c.strip()}
         result = pack_videos(records, args.out, args.shard_size, args.shard_bytes, args.check, codecs, log,

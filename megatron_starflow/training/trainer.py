@@ -200,6 +200,8 @@ class Trainer:
         finally:
             if hasattr(self, "logger"):
                 self.logger.close()
+            if hasattr(getattr(self, "loader", None), "close"):
+                self.loader.close()  # decode worker processes (data.num_workers)
             if self._preemption is None:
                 handler.uninstall()
         return TrainResult(self.run_dir, step + 1 if preempted else tr.steps, self.guard.skipped,
