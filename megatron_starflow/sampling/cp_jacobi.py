@@ -7,7 +7,8 @@ itself. Its *final cache* holds text + the committed KV of the final tokens ``[0
 
 * **Final mode** (rank 0 from the start; rank r once every upstream token is final, F = A): the
   one-rank block Jacobi of ``BlockInverter`` on its own tokens, chunk by chunk, with the same stop
-  rule (``tau``, ``max_iters``, chunk size - 1 iterations then the commit pass). A chunk starts from
+  rule (``tau``, ``max_iters``, chunk size - 1 iterations then the commit pass, none after an
+  iteration that changed nothing or with ``commit_pass`` off). A chunk starts from
   rank r's speculative iterate when it has one (warm start), else from the one-rank guess
   (video-aware or z). After every commit it sends rank r+1 the chunk's committed KV.
 * **Speculative mode** (rank r > 0 while upstream is not final): with the latest upstream tokens
@@ -222,24 +223,31 @@ class CPBlockInverter(BlockInverter):
                 guess = x[:, start:start + size].clone()
             else:
                 guess = self._initial_guess(x, z, start, size)
-            iters = 0
+            iters, settled = 0, False
             for iters in range(1, limit + 1):
                 x[:, start:start + size] = guess
                 new = self._pass(x, start, size, z, False, "final_passes")
-                change = (new - guess).pow(2).mean() / new.pow(2).mean().clamp_min(1e-30)
+                change = ((new - guess).pow(2).mean() / new.pow(2).mean().clamp_min(1e-30)).item()
                 guess = new
-                if change < self.opts.tau:
-                    break
-                if not math.isfinite(change.item()):  # NaN / inf never converge: stop here
+                if not math.isfinite(change):  # NaN / inf never converge: stop here
                     raise self.diverged(start, size, f"at Jacobi iteration {iters} of at most "
                                                      f"{limit} (context-parallel rank {self.rank})")
-            x[:, start:start + size] = guess
-            x[:, start:start + size] = self._pass(x, start, size, z, True, "final_passes")
-            if not torch.isfinite(x[:, start:start + size]).all():
-                raise self.diverged(start, size, f"in its commit pass after {iters} iterations "
-                                                 f"(context-parallel rank {self.rank})")
-            self.stats.iterations.append(iters + 1)
-            self.timing.iterations.append(iters + 1)
+                if change == 0.0 or change < self.opts.tau:  # the one-rank rule (BlockInverter)
+                    settled = change == 0.0 or not self.opts.commit_pass
+                    break
+            if settled:
+                self.cache.commit_written()
+                x[:, start:start + size] = guess
+                passes = iters
+            else:
+                x[:, start:start + size] = guess
+                x[:, start:start + size] = self._pass(x, start, size, z, True, "final_passes")
+                if not torch.isfinite(x[:, start:start + size]).all():
+                    raise self.diverged(start, size, f"in its commit pass after {iters} iterations "
+                                                     f"(context-parallel rank {self.rank})")
+                passes = iters + 1
+            self.stats.iterations.append(passes)
+            self.timing.iterations.append(passes)
             start += size
             if not warm:  # the rest of the range: the one-rank guess, for rank r+1's speculation
                 self._fill_guess(x, z, start, end)

@@ -3,10 +3,16 @@
 Jacobi (METHOD.md section 5): for a chunk of S tokens whose past is in the KV cache, iterate
 x^{k+1} = b(x^k) + sigma(x^k) * z over the whole chunk in one parallel pass. Causality makes token
 P+k exact after k+1 iterations, so the chunk is exact after at most S iterations; we stop earlier
-when ||x^{k+1} - x^k||^2 / ||x^{k+1}||^2 < tau. The chunk is then committed to the cache by one more
-pass, which is itself the last iteration (S passes in all without early stop): its keys come from
-the previous iterate and its outputs are the returned values; the two agree once converged, so
-with tau = 0 both the cache and the result are exact. Video-aware initialisation starts a chunk inside frame n > 0 from the values
+when ||x^{k+1} - x^k||^2 / ||x^{k+1}||^2 < tau, or when an iteration changes nothing at all (then
+x^k is the fixed point, exact to rounding; with tau = 0 this is the only early stop). Every pass
+writes its keys into the cache after the committed slots (``KVCache``); they are committed as
+follows. After an iteration that changed nothing, the keys it wrote (of x^k = x^{k+1}) are those
+of the result: committed as they are. Otherwise one more pass commits the chunk, which is itself
+the last iteration (S passes in all without early stop): its keys come from the previous iterate
+and its outputs are the returned values; the two agree once converged, so with tau = 0 both the
+cache and the result are exact. ``commit_pass=False`` skips that pass after a tau stop and keeps the
+last iteration's keys (of x^k, with x^{k+1} returned), as the reference does: one pass less per
+chunk for a result about one iteration less accurate. Video-aware initialisation starts a chunk inside frame n > 0 from the values
 at the same in-frame positions of frame n-1, which is where consecutive frames agree.
 
 With guidance, the batch holds [conditional; unconditional] copies that share one history (the
@@ -41,6 +47,11 @@ class SolverOptions:
     max_iters: int = 0  # iterations before the commit pass; 0 = chunk size - 1 (exact)
     video_aware: bool = True
     guidance: float = 0.0
+    # After a chunk stops on tau: one more pass that commits its keys and gives its values (one
+    # more iteration, ~3x closer to the exact inverse at tau = 1e-3); False keeps the keys the last
+    # iteration wrote (the reference's rule: one pass less per chunk). An iteration that changes
+    # nothing (always the case with tau = 0 once converged) never needs it.
+    commit_pass: bool = True
 
     def __post_init__(self):
         if self.solver not in ("sequential", "jacobi"):
@@ -162,18 +173,31 @@ class BlockInverter:
             guess = self._initial_guess(x, z, start, size)
             first = x[:, start - 1:start] if start else torch.zeros_like(x[:, :1])
             zc = z[:, start:start + size]
-            iters = 0
+            iters, settled = 0, False
             for iters in range(1, limit + 1):
                 new = self._step(torch.cat([first, guess[:, :-1]], 1), start, zc, commit=False)
-                change = (new - guess).pow(2).mean() / new.pow(2).mean().clamp_min(1e-30)
+                change = ((new - guess).pow(2).mean() / new.pow(2).mean().clamp_min(1e-30)).item()
                 guess = new
-                if change < self.opts.tau:
-                    break
-                if not math.isfinite(change.item()):  # NaN / inf never converge: stop here
+                if not math.isfinite(change):  # NaN / inf never converge: stop here
                     raise self.diverged(start, size, f"at Jacobi iteration {iters} of at most {limit}")
-            # Commit pass: cache keys of exactly the values we keep (one more Jacobi iteration).
-            x[:, start:start + size] = self._step(torch.cat([first, guess[:, :-1]], 1), start, zc, commit=True)
-            if not torch.isfinite(x[:, start:start + size]).all():
-                raise self.diverged(start, size, f"in its commit pass after {iters} iterations")
-            self.stats.iterations.append(iters + 1)
+                if change == 0.0:  # a fixed point: this pass's keys are those of its outputs
+                    settled = True
+                    break
+                if change < self.opts.tau:
+                    settled = not self.opts.commit_pass
+                    break
+            if settled:
+                # Keep the keys the last iteration wrote (of its inputs: its outputs exactly when
+                # nothing changed; one iterate earlier after a tau stop without commit pass).
+                self.cache.commit_written()
+                x[:, start:start + size] = guess
+                self.stats.iterations.append(iters)
+            else:
+                # Commit pass: cache keys of exactly the values we keep (one more Jacobi iteration;
+                # after size - 1 iterations it is the one that makes the last token exact).
+                x[:, start:start + size] = self._step(torch.cat([first, guess[:, :-1]], 1), start,
+                                                      zc, commit=True)
+                if not torch.isfinite(x[:, start:start + size]).all():
+                    raise self.diverged(start, size, f"in its commit pass after {iters} iterations")
+                self.stats.iterations.append(iters + 1)
             start += size
