@@ -49,16 +49,70 @@ def test_fit_joint_recovers_both_exponents():
         sweep.fit_joint(n[:4], d[:4], loss[:4])
 
 
+def _check_plot(path: str, rows: list[dict]) -> None:
+    """Every run is a dot of its budget's colour where the axes put it: x = log10(params) and
+    y = loss, linear, each range padded (x by 0.1 decade, y by 10 %) inside the frame
+    [80, 570] x [40, 460] of the 760 x 520 figure; the legend shows one swatch per budget."""
+    import math
+
+    from PIL import Image
+
+    sweep = _tool()
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape == (520, 760, 3)
+    pts = [r for r in rows if r["loss"] is not None]
+    lx0 = math.log10(min(r["params"] for r in pts)) - 0.1
+    lx1 = math.log10(max(r["params"] for r in pts)) + 0.1
+    y0, y1 = min(r["loss"] for r in pts), max(r["loss"] for r in pts)
+    pad = 0.1 * (y1 - y0 or 1.0)
+    y0, y1 = y0 - pad, y1 + pad
+    budgets = sorted({r["steps"] for r in pts})
+    for r in pts:
+        x = 80 + (math.log10(r["params"]) - lx0) / (lx1 - lx0) * 490
+        y = 40 + (y1 - r["loss"]) / (y1 - y0) * 420
+        colour = sweep.COLOURS[budgets.index(r["steps"]) % len(sweep.COLOURS)]
+        assert tuple(img[round(y), round(x)]) == colour, (r, x, y, tuple(img[round(y), round(x)]))
+    for i, steps in enumerate(budgets):  # legend swatches, top to bottom
+        assert tuple(img[40 + 13 + 18 * i, 570 + 17]) == sweep.COLOURS[i % len(sweep.COLOURS)]
+
+
+def _rows():
+    return [{"params": p, "loss": 1.0 + 3 * p ** -0.3 + 0.2 * (s == 10), "steps": s}
+            for p in (1e4, 3e4, 1e5) for s in (10, 20)]
+
+
 def test_sizes_and_plot(tmp_path):
     sweep = _tool()
     assert sweep.parse_size("s") == ("s", sweep.SIZES["s"])
     assert sweep.parse_size("32/64/2") == ("s32_d64x2", (32, 64, 2))
-    rows = [{"params": p, "loss": 1.0 + 3 * p ** -0.3, "steps": s} for p in (1e4, 3e4, 1e5) for s in (10, 20)]
-    fits = {"steps_10": sweep.fit_power_law([1e4, 3e4, 1e5], [1.0 + 3 * p ** -0.3 for p in (1e4, 3e4, 1e5)])}
+    rows = _rows()
+    fits = {"steps_10": sweep.fit_power_law([1e4, 3e4, 1e5], [r["loss"] for r in rows if r["steps"] == 10])}
     sweep.plot(rows, fits, str(tmp_path / "p.png"), "bits_per_dim")
-    from PIL import Image
+    _check_plot(str(tmp_path / "p.png"), rows)
 
-    assert Image.open(tmp_path / "p.png").size == (760, 520)
+
+@pytest.mark.parametrize("broken", ["linear x axis", "loss axis upside down", "budgets' colours swapped"])
+def test_plot_check_rejects_a_wrong_plot(tmp_path, broken):
+    """The plot check fails for a plot whose axis or colours are wrong."""
+    sweep = _tool()
+    rows = _rows()
+    drawn = [dict(r) for r in rows]
+    if broken == "linear x axis":  # dots where a linear axis over the same range would put them
+        import math
+
+        lo, hi = 1e4, 1e5
+        for r in drawn:
+            r["params"] = 10 ** (math.log10(lo) + (r["params"] - lo) / (hi - lo) * math.log10(hi / lo))
+    elif broken == "loss axis upside down":
+        hi, lo = max(r["loss"] for r in rows), min(r["loss"] for r in rows)
+        for r in drawn:
+            r["loss"] = hi + lo - r["loss"]
+    else:
+        for r in drawn:
+            r["steps"] = 30 - r["steps"]
+    sweep.plot(drawn, {}, str(tmp_path / "p.png"), "bits_per_dim")
+    with pytest.raises(AssertionError):
+        _check_plot(str(tmp_path / "p.png"), rows)
 
 
 @pytest.mark.slow
@@ -79,7 +133,9 @@ def test_micro_grid_2x2_end_to_end(tmp_path, capsys):
     assert len({r["params"] for r in rows}) == 2 and len({r["tokens"] for r in rows}) == 2
     assert summary["fits"]["steps_4"]["points"] == 2  # 2 sizes: a pure power law
     assert summary["fits"]["joint"] is None  # 4 runs < 6: not fitted
-    assert os.path.getsize(os.path.join(out, "scaling.png")) > 0
+    _check_plot(os.path.join(out, "scaling.png"),
+                 [{"params": int(r["params"]), "loss": float(r["loss"]), "steps": int(r["steps"])}
+                  for r in rows])
     # collecting again runs nothing and gives the same table
     assert sweep.main(["--out", out, "--sizes", "16/32/1,32/32/1", "--steps", "4,8",
                        "--no-cpu-base", "--collect-only", *extra]) == 0
