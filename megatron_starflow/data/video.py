@@ -580,6 +580,13 @@ class VideoClipIterator:
             raise ValueError("no video records to iterate over")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if backend not in BACKENDS:  # checked here too: with workers the decoder is built there
+            raise ValueError(f"video backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        if mode not in MODES:
+            raise ValueError(f"decode mode {mode!r}; valid: {', '.join(MODES)}")
+        if backend == "dali" and mode == "clips" and not dali_available():
+            raise RuntimeError("data.video_backend=dali but nvidia-dali is not installed; "
+                               "pip install nvidia-dali-cuda130, or use video_backend=pyav")
         dali_device, dali_id = dali_device_for(device)
         self.settings = DecodeSettings(spec, backend, int(seed), dali_device, dali_id,
                                        max(1, int(batch_size)), mode, latent_shape, text_shape)
