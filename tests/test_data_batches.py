@@ -310,3 +310,26 @@ def test_data_throughput_benchmark_reports_every_path_and_the_7b_need(tmp_path):
     assert need["clips_per_s_per_rank"] == need["clips_per_s_per_gpu"] * need["ranks_reading_one_replica_batch"]
     assert abs(need["clips_per_s_per_gpu"] - 0.4 * 989e12 / need["model_flops_per_clip"]) < 1e-12
     assert set(out["keeps_up"]) == set(out["paths"])
+
+
+def test_the_dali_decoder_follows_the_callers_device(bad_shards, tmp_path):
+    """No GPU here: the GPU decoder is only configured (its pipeline is built on first use)."""
+    from types import SimpleNamespace
+
+    from megatron_starflow.data.video import DALI_GPU_CODECS, dali_available, dali_device_for
+    from megatron_starflow.training.build import train_loader
+
+    assert dali_device_for(torch.device("cuda", 3)) == ("mixed", 3)
+    assert dali_device_for(torch.device("cpu")) == ("cpu", None) == dali_device_for(None)
+    if not dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    records, _ = read_shards(bad_shards)
+    gpu = VideoClipIterator(records, SPEC, "auto", device=torch.device("cuda", 1))
+    cpu = VideoClipIterator(records, SPEC, "auto", device=torch.device("cpu"))
+    assert (gpu.decoder.dali.device, gpu.decoder.dali.device_id) == ("mixed", 1)
+    assert {"h264", "hevc", "vp9"} <= DALI_GPU_CODECS
+    assert gpu.decoder.dali.can_decode("h264") and not cpu.decoder.dali.can_decode("h264")
+    # the training loop hands its one device to the loader
+    layout = SimpleNamespace(dp_rank=0, dp_size=1, device=torch.device("cuda", 0))
+    loader = train_loader(_train_config(bad_shards), str(tmp_path), None, layout)
+    assert (loader.settings.dali_device, loader.settings.dali_device_id) == ("mixed", 0)

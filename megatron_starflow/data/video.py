@@ -411,6 +411,11 @@ class ClipDecoder:
             self._dali = DaliDecoder(max_batch=max(1, s.max_batch), device=s.dali_device,
                                      device_id=s.dali_device_id)
 
+    @property
+    def dali(self) -> DaliDecoder | None:
+        """The DALI decoder (CPU, or the GPU decoder on a CUDA device), or None (PyAV only)."""
+        return self._dali
+
     # -- per sample ----------------------------------------------------------------------------
     def _check_record(self, record: VideoRecord) -> None:
         if not record.caption or not record.caption.strip():
