@@ -40,7 +40,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, window: int 
     if size < 1:
         raise ValueError(f"frames of {h}x{w} are too small for SSIM")
     kernel = gaussian_window(size, sigma * size / window if size < window else sigma)
-    kernel = kernel[None, None]
+    kernel = kernel[None, None].to(a.device)
     x = a.double().reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)
     y = b.double().reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)
 

@@ -10,6 +10,7 @@ a CPU run on a CUDA node must still use gloo, since NCCL cannot reduce CPU tenso
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,8 +28,14 @@ def local_rank() -> int:
     return 0
 
 
-def select_device(requested: str = "auto") -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` (or ``cuda:N``) -> the device this process computes on."""
+def select_device(requested: str | torch.device = "auto") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` (or ``cuda:N``) -> the device this process computes on.
+
+    A ``torch.device`` is taken as it is: that is how tests run the commands on a device that is
+    neither the CPU nor CUDA (torch's ``lazy`` device, which computes on the CPU but refuses CPU
+    tensors mixed in: tests/helpers_device.py). Users choose with the strings."""
+    if isinstance(requested, torch.device):
+        return requested
     requested = (requested or "auto").strip().lower()
     kind = requested.split(":", 1)[0]
     if kind not in DEVICE_CHOICES:
@@ -55,6 +62,45 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+@functools.lru_cache(maxsize=None)
+def _has_generator(device_type: str) -> bool:
+    try:
+        torch.Generator(device=device_type)
+    except RuntimeError:
+        return False
+    return True
+
+
+def generator_device(device: torch.device) -> torch.device:
+    """Where random draws for ``device`` are made: the device itself (CPU, CUDA), or the CPU for a
+    device without random generators (torch's ``lazy`` test device, ``meta``). Callers draw with
+    ``device=generator.device`` and move the result to ``device`` (a no-op where they agree), so
+    there is one code path."""
+    device = torch.device(device)
+    return device if _has_generator(device.type) else torch.device("cpu")
+
+
 def generator_on(device: torch.device, seed: int) -> torch.Generator:
-    """A seeded generator whose draws are made on ``device`` (noise, dequantisation, dropout)."""
-    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+    """A seeded generator whose draws are made for ``device`` (noise, dequantisation, dropout):
+    on ``generator_device(device)``."""
+    return torch.Generator(device=generator_device(device)).manual_seed(int(seed))
+
+
+def check_layers_on(parallel, device: torch.device) -> None:
+    """``parallel.spec=te`` (and with it ``parallel.fp8``) builds Transformer Engine layers, which
+    run only on CUDA with transformer_engine installed: anything else is one ``ConfigError``
+    naming the key and the fix, raised before any process group or model is built."""
+    if parallel.spec != "te":
+        return
+    keys = "parallel.spec=te" + (f" / parallel.fp8={parallel.fp8}" if parallel.fp8 != "none" else "")
+    fix = "parallel.spec=local parallel.fp8=none"
+    if torch.device(device).type != "cuda":
+        raise ConfigError(f"{keys} builds Transformer Engine layers, which need a CUDA device, but "
+                          f"this run computes on {torch.device(device).type}; set {fix} (the same "
+                          f"parameters, pure torch), or run with --device cuda on a GPU node with "
+                          f"requirements-gpu.txt installed")
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception as exc:  # ImportError, or TE's own errors when its CUDA libraries are missing
+        raise ConfigError(f"{keys} needs transformer_engine, which does not import here ({exc}); "
+                          f"pip install -r requirements-gpu.txt, or set {fix}") from None

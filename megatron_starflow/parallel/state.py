@@ -151,9 +151,11 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1, backend: str
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         context_parallel_size=cp,
     )
-    if tp > 1:
-        # Only model-parallel layers enter the tracker's forks; with tp = 1 it is left unseeded,
-        # so one-process runs draw from torch's default generator alone.
+    if tp > 1 or torch.cuda.is_available():
+        # Megatron's linears initialise their weights inside the tracker's fork: on CPU only under
+        # TP (one CPU process draws from torch's default generator alone); where CUDA exists they
+        # are built on the GPU (``use_cpu_initialization`` is off) and always enter the fork,
+        # which raises "cuda rng state model-parallel-rng is not added" on an unseeded tracker.
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)

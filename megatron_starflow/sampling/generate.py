@@ -21,7 +21,7 @@ from megatron_starflow.sampling.jacobi import BlockInverter, SolverOptions, Solv
 
 @dataclass
 class Generation:
-    video: torch.Tensor  # uint8 [B, T, H, W, 3]
+    video: torch.Tensor  # uint8 [B, T, H, W, 3] on the CPU (what writers and analysers read)
     tokens: torch.Tensor  # noisy-space tokens before denoising [B, T', h, w, C']
     deep: SolverStats
     shallow: SolverStats
@@ -106,7 +106,7 @@ def finish(system: StarFlowSystem, inputs: SamplingInputs, x: torch.Tensor, deno
     tokens = x
     if denoise and model.learnable_self_denoiser is not None:
         x = windowed_denoise(model, x, inputs.text, inputs.train_t)
-    video = system.tokens_to_video(x)
+    video = system.tokens_to_video(x).cpu()
     if inputs.prefix_video is not None:
         given = inputs.prefix_video
         video[:, :given.shape[1]] = given.expand(video.shape[0], -1, -1, -1, -1)

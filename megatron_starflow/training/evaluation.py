@@ -25,7 +25,8 @@ def evaluate_heldout(system, step_runner, dataset, cfg: Config, layout: ProcessL
 
     was_training = system.training
     system.eval()
-    gen = torch.Generator(device=layout.device).manual_seed(seed)
+    # A CPU generator, as in ``evaluate``: the same held-out noise on any device.
+    gen = torch.Generator().manual_seed(seed)
     n = min(len(dataset), batches * batch_size)
     total, count = 0.0, 0
     for start in range(0, n, batch_size):

@@ -56,14 +56,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from megatron_starflow.parallel.device import select_device
+        from megatron_starflow.parallel.device import check_layers_on, select_device
         from megatron_starflow.training import build
 
         cfg, tr = self.cfg, self.cfg.train
-        os.makedirs(self.run_dir, exist_ok=True)
         if tr.threads:
             torch.set_num_threads(tr.threads)
         self.device = select_device(tr.device if self._device is None else self._device)
+        check_layers_on(cfg.parallel, self.device)  # before anything is written or built
+        os.makedirs(self.run_dir, exist_ok=True)
         self.layout = lay = ProcessLayout.initialize(cfg, self.device)
         self.quiet = self.quiet or lay.rank != 0
         torch.manual_seed(tr.seed)
