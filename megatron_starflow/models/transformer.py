@@ -530,9 +530,15 @@ class TransformerStack(nn.Module):
         v = qkv[:, :, :, 2].transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer.layer_number, k, v)
-        additive, causal = mask
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, is_causal=causal,
-                                           scale=att.core_attention.softmax_scale)
+        scale = att.core_attention.softmax_scale
+        if isinstance(mask, _PrefixRuns):  # query rows in runs that each see a prefix of keys
+            o = torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :keys],
+                                                          v[:, :, :keys], scale=scale)
+                           for lo, hi, keys in mask.runs], dim=2)
+        else:
+            additive, causal = mask
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, is_causal=causal,
+                                               scale=scale)
         o = o.transpose(1, 2).reshape(b, s, heads * d)
         x = x + F.linear(o, att.linear_proj.weight, att.linear_proj.bias)
         ln = layer.pre_mlp_layernorm
@@ -542,9 +548,46 @@ class TransformerStack(nn.Module):
         return x + F.linear(h, mlp.linear_fc2.weight, mlp.linear_fc2.bias)
 
 
+class _PrefixRuns:
+    """A mask whose rows each allow a prefix of the keys, as runs of consecutive query rows with
+    the same prefix: ``runs`` = [(first row, end row, keys)]. Attention then runs once per run on
+    its prefix without a mask, skipping the masked blocks (the denoiser's frame-causal and
+    look-ahead masks: one run per frame)."""
+
+    MAX_RUNS = 64
+    MIN_ROWS = 8  # per run on average: short runs cost more in calls than they save
+    MIN_SAVING = 0.2  # of the mask's area; otherwise one masked call is faster
+
+    def __init__(self, runs):
+        self.runs = runs
+
+    @classmethod
+    def of(cls, allowed: torch.Tensor) -> "_PrefixRuns | None":
+        if allowed.dim() != 2:
+            return None
+        rows, keys = allowed.shape
+        lengths = allowed.sum(1)
+        if (lengths == 0).any():
+            return None
+        if not torch.equal(allowed, torch.arange(keys, device=allowed.device)[None, :] < lengths[:, None]):
+            return None
+        change = torch.nonzero(lengths[1:] != lengths[:-1]).flatten().tolist()
+        if len(change) + 1 > min(cls.MAX_RUNS, rows // cls.MIN_ROWS):
+            return None
+        bounds = [0] + [c + 1 for c in change] + [rows]
+        runs = [(lo, hi, int(lengths[lo])) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        if sum((hi - lo) * n for lo, hi, n in runs) > (1 - cls.MIN_SAVING) * rows * keys:
+            return None
+        return cls(runs)
+
+
 def _sdpa_mask(allowed, s, past, dtype, device):
     """Boolean mask (True = attend; None = causal over ``past`` cached + ``s`` new slots) -> SDPA's
-    (additive mask or None, is_causal), built once per stack call."""
+    (additive mask or None, is_causal), or ``_PrefixRuns``, built once per stack call."""
+    if allowed is not None and s > 1:
+        runs = _PrefixRuns.of(allowed)
+        if runs is not None:
+            return runs
     if allowed is None:
         if s == 1:  # the newest slot sees every cached one
             return None, False
