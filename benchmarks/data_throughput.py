@@ -126,7 +126,8 @@ def make_inputs(root: str, clips: int, file_frames: int, frames: int, height: in
                     dst.write(json.dumps({**row, "path": os.path.join(out["videos"], row["file"])}) + "\n")
         _quiet(prep.main, ["--manifest", manifest, "--out", out[codec], "--shard-size", "16", "--overwrite"])
     _quiet(prep.main, ["--manifest", os.path.join(root, "vp9.jsonl"), "--out", out["decoded"], "--latents",
-                       "--shard-size", "16", "--overwrite", "--config", str(REPO / "examples/configs/tiny_cpu.yaml"),
+                       "--shard-size", "16", "--overwrite",
+                       "--config", str(REPO / "examples/configs/tiny_cpu.yaml"),
                        f"data.frames={frames}", f"data.height={height}", f"data.width={width}"])
     rng = np.random.default_rng(0)
     latent = rng.standard_normal(LATENT_7B, dtype=np.float32)

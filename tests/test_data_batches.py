@@ -307,7 +307,8 @@ def test_data_throughput_benchmark_reports_every_path_and_the_7b_need(tmp_path):
     need = out["requirement_7b"]
     # every rank of a replica (tp x pp; the 7B config has cp 1) reads the replica's batch
     assert need["layout"]["tp"] * need["layout"]["pp"] == need["ranks_reading_one_replica_batch"]
-    assert need["clips_per_s_per_rank"] == need["clips_per_s_per_gpu"] * need["ranks_reading_one_replica_batch"]
+    ranks = need["ranks_reading_one_replica_batch"]
+    assert need["clips_per_s_per_rank"] == need["clips_per_s_per_gpu"] * ranks
     assert abs(need["clips_per_s_per_gpu"] - 0.4 * 989e12 / need["model_flops_per_clip"]) < 1e-12
     assert set(out["keeps_up"]) == set(out["paths"])
 

@@ -1,8 +1,8 @@
 """Resumable, data-parallel batches of the in-memory synthetic clips (``data.source=synthetic``).
 
 The position is kept as for tar shards (``data/sampler.py``; no sample is ever bad here, so every
-rank reads as far along its stride as the others). Each epoch's order is ``torch.randperm(N, generator=manual_seed(seed *
-100003 + epoch))``; when ``N`` is not a multiple of the batch size, a batch runs across the epoch
+rank reads as far along its stride as the others). Each epoch's order is
+``torch.randperm(N, generator=manual_seed(seed * 100003 + epoch))``; when ``N`` is not a multiple of the batch size, a batch runs across the epoch
 boundary, as in the shard sampler.
 
 With ``dp`` ranks, rank ``r`` takes positions ``consumed + r, consumed + r + dp, ...`` of each

@@ -423,7 +423,8 @@ class ClipDecoder:
         if self.settings.mode == "latents":
             missing = [m for m in ("latent", "text") if m not in record.meta.get("members", {})]
             if missing:
-                raise BadSample(MISSING, f"latent shard sample without {', '.join(m + '.npy' for m in missing)}")
+                names = ", ".join(m + ".npy" for m in missing)
+                raise BadSample(MISSING, f"latent shard sample without {names}")
             return
         if record.kind == "missing":
             raise BadSample(MISSING, "video member or file is missing")
