@@ -4,6 +4,7 @@ through a submitit executor (``--executor``)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import sys
 
@@ -181,4 +182,13 @@ def main(argv=None, hooks=None) -> int:
         if type(exc).__name__ != "SamplingDiverged":
             raise
         print(f"error: {exc}", file=sys.stderr)  # a chunk went NaN / inf: stopped, named
+        return 1
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        # checkpoints are written under a temporary name and renamed when complete, so the one
+        # being written is discarded and `latest` names the previous one; outputs likewise
+        print(f"error: no space left on device ({exc.filename or exc}); nothing half-written is "
+              f"used: the previous checkpoint is still `latest` and the same command resumes from "
+              f"it once space is freed", file=sys.stderr)
         return 1

@@ -181,6 +181,17 @@ def _write_json(path: str, obj) -> None:
         os.fsync(f.fileno())
 
 
+def _writer_error(exc, folder: str) -> Exception:
+    """DCP's CheckpointException (a BaseException holding each rank's error) -> the first rank's
+    error as an ordinary exception: an OSError keeps its errno (ENOSPC: disk full), naming the
+    folder being written; anything else becomes a RuntimeError carrying DCP's report."""
+    for rank, (err, _) in sorted(exc.failures.items()):
+        if isinstance(err, OSError):
+            return OSError(err.errno, f"{err.strerror} (rank {rank} writing checkpoint data)",
+                           err.filename or folder)
+    return RuntimeError(f"writing checkpoint data in {folder} failed: {exc}")
+
+
 def _split(tensors: dict) -> dict[str, dict]:
     parts = {p: {} for p in _PARTS}
     for k, v in tensors.items():
@@ -224,7 +235,10 @@ def save(run_dir: str, step: int, tensors: dict, extras_for_this_rank: dict | No
                                       thread_count=1)
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+            try:
+                dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+            except dcp.api.CheckpointException as exc:  # a BaseException: `except Exception` misses it
+                raise _writer_error(exc, os.path.join(tmp, part)) from None
         prefix = f"__{rank}_"
         written += [f"{part}/{f}" for f in sorted(os.listdir(os.path.join(tmp, part)))
                     if f.startswith(prefix) and f.endswith(".distcp")]
@@ -366,8 +380,10 @@ def find_resumable(run_dir: str, group=None) -> tuple[str | None, list[str]]:
         bad.append((path, problems))
     if not bad:
         return None, notes
-    lines = "\n".join(f"  {os.path.basename(p)}: {'; '.join(pr)}" for p, pr in bad)
-    raise NoIntactCheckpointError(f"no intact checkpoint in {root} ({len(bad)} found, all damaged):\n{lines}")
+    found = " | ".join(f"{os.path.basename(p)}: {'; '.join(pr)}" for p, pr in bad)
+    raise NoIntactCheckpointError(f"no intact checkpoint in {root} ({len(bad)} found, all damaged): "
+                                  f"{found}. Nothing was loaded; restore a checkpoint, or train into "
+                                  f"another --out")
 
 
 # ------------------------------------------------------------------------------ load
