@@ -7,9 +7,10 @@ that mixes a lazy tensor with a CPU tensor raises ``Input tensor is not a lazy t
 would on CUDA (``Expected all tensors to be on the same device``).
 
 Two gaps of the backend, and what we do about them:
-* it has no random generator (``torch.Generator(device="lazy")`` raises): draws go to the device
-  that has one (``parallel.device.generator_device``: the CPU here, the GPU itself on CUDA) and
-  are moved, as in production;
+* it has no random generator (``torch.Generator(device="lazy")`` raises): the package draws every
+  random input from CPU generators and moves it (the same draws on any device), so nothing is
+  needed; a draw from a CPU generator straight into a device tensor, which CUDA refuses and the
+  lazy backend silently allows, is caught by ``GeneratorDeviceCheck``;
 * torch 2.13's functionalised lazy backend has no kernel for the copy forms of ``split``,
   ``split_with_sizes`` and ``unbind`` (``torch.split`` / ``chunk`` / ``unbind`` of a lazy tensor
   give outputs that cannot be combined with any other lazy tensor). ``use_lazy_device`` registers

@@ -100,7 +100,7 @@ def test_training_loop_runs_on_the_device_and_matches_the_cpu(lazy_run, cpu_run)
     opt = trainer.optimizer
     for buf in (opt._grad_buffer, opt._exp_avg, opt._exp_avg_sq):
         assert buf.device.type == "lazy"
-    # One code path: the same losses as on the CPU (same noise: drawn where generators exist).
+    # One code path: the same losses as on the CPU (the same noise: drawn on the CPU, moved).
     cpu_dir, cpu_result = cpu_run
     lazy_losses, cpu_losses = _losses(run_dir), _losses(cpu_dir)
     assert [s for s, _, _ in lazy_losses] == list(range(1, STEPS + 1))
@@ -232,15 +232,12 @@ def test_a_draw_from_a_cpu_generator_into_a_device_tensor_is_caught(lazy):
     torch.testing.assert_close(noisy.cpu(), expected)
 
 
-def test_select_device_and_generator_device(lazy):
-    from megatron_starflow.parallel.device import generator_device, generator_on, select_device
+def test_select_device_takes_a_device_object(lazy):
+    from megatron_starflow.parallel.device import backend_for, select_device
 
     assert select_device(lazy) is lazy  # a device object is used as it is (tests only)
     assert select_device("cpu") == torch.device("cpu")
-    assert generator_device(lazy) == torch.device("cpu")  # no lazy generators: draw on the CPU
-    assert generator_device(torch.device("cpu")) == torch.device("cpu")
-    a = torch.rand(3, generator=generator_on(lazy, 5))
-    torch.testing.assert_close(a, torch.rand(3, generator=torch.Generator().manual_seed(5)))
+    assert backend_for(lazy) == "gloo" and backend_for(torch.device("cuda", 0)) == "nccl"
 
 
 # ------------------------------------------------------------------------------ TE / FP8 off CUDA

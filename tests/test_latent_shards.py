@@ -34,7 +34,7 @@ def _seed_with_mixed_dropout() -> int:
     from megatron_starflow.training.sample_noise import sample_generator
 
     for seed in range(100):
-        dropped = [torch.rand(1, generator=sample_generator(seed, p, torch.device("cpu"))).item() < DROPOUT
+        dropped = [torch.rand(1, generator=sample_generator(seed, p)).item() < DROPOUT
                    for p in range(BATCH)]
         if any(dropped) and not all(dropped):
             return seed

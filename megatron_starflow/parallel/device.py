@@ -3,14 +3,14 @@
 ``select_device("auto")`` is ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU; ``"cpu"`` and
 ``"cuda"`` force one (``"cuda"`` without CUDA is one clear error). Every command (train, eval,
 sample, CP sample) calls this once and passes the result down: models, text encoders, codecs,
-batches, noise generators and KV caches are placed on it by their callers, and nothing below
-branches the algorithm on it. The backend follows the device, never ``torch.cuda.is_available()``:
+batches, masks, RoPE tables and KV caches are placed on it by their callers, and nothing below
+branches the algorithm on it. Random inputs (training noise, held-out noise, sampling noise) are
+drawn from CPU generators and moved, so a seed gives the same draws on any device. The backend follows the device, never ``torch.cuda.is_available()``:
 a CPU run on a CUDA node must still use gloo, since NCCL cannot reduce CPU tensors.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -60,30 +60,6 @@ def select_device(requested: str | torch.device = "auto") -> torch.device:
 def backend_for(device: torch.device) -> str:
     """NCCL for CUDA tensors, gloo for CPU tensors."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
-
-
-@functools.lru_cache(maxsize=None)
-def _has_generator(device_type: str) -> bool:
-    try:
-        torch.Generator(device=device_type)
-    except RuntimeError:
-        return False
-    return True
-
-
-def generator_device(device: torch.device) -> torch.device:
-    """Where random draws for ``device`` are made: the device itself (CPU, CUDA), or the CPU for a
-    device without random generators (torch's ``lazy`` test device, ``meta``). Callers draw with
-    ``device=generator.device`` and move the result to ``device`` (a no-op where they agree), so
-    there is one code path."""
-    device = torch.device(device)
-    return device if _has_generator(device.type) else torch.device("cpu")
-
-
-def generator_on(device: torch.device, seed: int) -> torch.Generator:
-    """A seeded generator whose draws are made for ``device`` (noise, dequantisation, dropout):
-    on ``generator_device(device)``."""
-    return torch.Generator(device=generator_device(device)).manual_seed(int(seed))
 
 
 def check_layers_on(parallel, device: torch.device) -> None:

@@ -11,8 +11,13 @@ import torch
 _MIX = 1_000_003  # positions of two seeds never collide for runs shorter than 1e6 * batch epochs
 
 
-def sample_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed) * _MIX + int(position) + 1)
+def sample_generator(seed: int, position: int) -> torch.Generator:
+    """A CPU generator, whatever the device: draws are made on it and moved to the device, so a
+    run draws the same noise on any device (a bf16 GPU run and an fp32 CPU run of one config see
+    the same inputs; devices without generators, like the tests' lazy device, need nothing
+    else). The draws are small next to a step: one latent (and, for the lossless codec, one
+    clip's dequantisation noise) per sample."""
+    return torch.Generator().manual_seed(int(seed) * _MIX + int(position) + 1)
 
 
 def replica_inputs(system, batch: dict, caption_dropout: float, sigma: float, seed: int,
@@ -28,7 +33,7 @@ def replica_inputs(system, batch: dict, caption_dropout: float, sigma: float, se
     noisy, captions, texts = [], [], []
     stored = "latent" in batch
     for i, position in enumerate(batch["position"]):
-        gen = sample_generator(seed, position, device)
+        gen = sample_generator(seed, position)
         dropped = bool(torch.rand(1, generator=gen, device=gen.device).item() < caption_dropout)
         if stored:
             texts.append(batch["null_text"] if dropped else batch["text"][i])
