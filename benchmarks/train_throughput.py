@@ -12,7 +12,9 @@ flow NLL + FSM backward, AdamW) on whatever device torch uses here (CPU on the d
 24 layers, head dim 64, MLP ratio 4; sequence = 256 text + 21 x 30 x 52 latent tokens = 33016, the
 deep block's causal mask) in bf16 on one CUDA GPU and times forward + backward of the stack
 (megatron TransformerBlock, local spec, SDPA attention). ``--frames N`` shortens the clip (S = 256 +
-N*1560). Without CUDA it stops with a message, unless ``--shape-override`` shrinks the shapes, in
+N*1560). ``--spec te [--fp8 hybrid|e4m3]`` builds the same stack from Transformer Engine linears
+(FP8 GEMMs under TE's autocast, entered by megatron's block; MFU stays relative to the bf16
+peak). Without CUDA it stops with a message, unless ``--shape-override`` shrinks the shapes, in
 which case it runs wherever it is (CPU) to check the code path.
 
 FLOPs: ``megatron_starflow.training.flops`` (matmuls with the actual mask density; step = 3 x
@@ -103,7 +105,8 @@ def run_preset(preset: str, steps: int, warmup: int, overrides: list[str], peak_
 
 
 def run_gpu_deep(steps: int, warmup: int, frames: int | None, recompute: bool, peak_tflops: float,
-                 shape_override: str = "", micro_batch: int = 1) -> dict:
+                 shape_override: str = "", micro_batch: int = 1, spec: str = "local",
+                 fp8: str = "none", fp8_recipe: str = "delayed") -> dict:
     import torch
 
     from megatron_starflow.models.layout import SlotLayout
@@ -134,7 +137,8 @@ def run_gpu_deep(steps: int, warmup: int, frames: int | None, recompute: bool, p
     w, layers, d = shapes["width"], shapes["layers"], shapes["head_dim"]
     layout = SlotLayout(shapes["text"], shapes["frames"], shapes["height"], shapes["width_tokens"],
                         with_time=True, pt_seq_len=32.0)
-    stack = TransformerStack(w, layers, d, shapes["mlp_ratio"], recompute=recompute).to(device, dtype)
+    stack = TransformerStack(w, layers, d, shapes["mlp_ratio"], recompute=recompute, spec=spec,
+                             fp8=fp8, fp8_recipe=fp8_recipe).to(device, dtype)
     seq = layout.total
     mask = layout.causal_mask().to(device)
     angles = layout.angles(d, 10000.0, 0.25).to(device)
@@ -158,7 +162,8 @@ def run_gpu_deep(steps: int, warmup: int, frames: int | None, recompute: bool, p
     peak = peak_tflops or (H100_BF16_DENSE_TFLOPS if cuda else 0.0)
     achieved = model / dt / 1e12
     out = {"benchmark": "gpu_deep_7b", "device": torch.cuda.get_device_name() if cuda else "cpu",
-           "dtype": "bfloat16", "shapes": shapes, "seq_len": seq, "micro_batch": micro_batch,
+           "dtype": "bfloat16", "spec": spec, "fp8": fp8,
+           "fp8_recipe": fp8_recipe if fp8 != "none" else None, "shapes": shapes, "seq_len": seq, "micro_batch": micro_batch,
            "recompute": recompute, "steps": steps, "warmup": warmup, "step_time_s": dt,
            "step_times_s": times, "tokens_per_s": micro_batch * seq / dt,
            "model_flops_per_step": model, "hardware_flops_per_step": hardware,
@@ -183,13 +188,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--frames", type=int, default=0, help="--gpu-deep-7b: latent frames (default 21)")
     parser.add_argument("--recompute", action="store_true", help="--gpu-deep-7b: full per-layer recompute")
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--spec", choices=["local", "te"], default="local",
+                        help="--gpu-deep-7b: layer spec (te: Transformer Engine linears)")
+    parser.add_argument("--fp8", choices=["none", "hybrid", "e4m3"], default="none",
+                        help="--gpu-deep-7b: TE FP8 GEMMs (needs --spec te)")
+    parser.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "blockwise", "mxfp8"],
+                        default="delayed")
     parser.add_argument("--shape-override", default="",
                         help="--gpu-deep-7b: e.g. width=64,layers=2,head_dim=32,frames=2,height=4,grid_width=4,text=8")
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (--preset)")
     args = parser.parse_args(argv)
     if args.gpu_deep_7b:
         result = run_gpu_deep(args.steps, args.warmup, args.frames or None, args.recompute,
-                              args.peak_tflops, args.shape_override, args.micro_batch)
+                              args.peak_tflops, args.shape_override, args.micro_batch, args.spec,
+                              args.fp8, args.fp8_recipe)
     else:
         result = run_preset(args.preset, args.steps, args.warmup, args.overrides, args.peak_tflops,
                             args.threads)

@@ -55,8 +55,10 @@ def _max_abs(a, b) -> float:
 def run_sampling_benchmark(checkpoint: str, prompts: int = 2, seed: int = 0, tau: float = 1e-3,
                            block_size: tuple[int, ...] = (16, 64), frames: int = 0,
                            guidance: float = 0.0, warmup: int = 1, repeats: int = 1,
-                           threads: int = 0) -> dict:
-    """Sequential vs plain Jacobi vs video-aware Jacobi on one checkpoint -> a JSON-ready dict."""
+                           threads: int = 0, device: str | None = None) -> dict:
+    """Sequential vs plain Jacobi vs video-aware Jacobi on one checkpoint -> a JSON-ready dict.
+    ``device``: auto | cpu | cuda (None: the checkpoint config's ``train.device``); the wall times
+    include the copy of the video to the CPU, which waits for the device."""
     import torch
 
     from megatron_starflow.convert.loading import load_system
@@ -73,7 +75,7 @@ def run_sampling_benchmark(checkpoint: str, prompts: int = 2, seed: int = 0, tau
     if threads:
         torch.set_num_threads(threads)
     first, later = block_size[0], block_size[-1]
-    system, step, step_dir = load_system(checkpoint)
+    system, step, step_dir = load_system(checkpoint, device)
     captions = _prompts(prompts)
     frames = frames or system.cfg.data.frames
 
@@ -119,6 +121,7 @@ def run_sampling_benchmark(checkpoint: str, prompts: int = 2, seed: int = 0, tau
         "block_size": [first, later],
         "guidance": guidance,
         "dtype": str(system.dtype).replace("torch.", ""),
+        "device": str(system.device),
         "torch_threads": torch.get_num_threads(),
         "repeats": repeats,
         "methods": results,
