@@ -46,10 +46,15 @@ def test_tokenizer_tool(tmp_path):
     assert (out / "spm.model").is_file()
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    for bad in (empty, tmp_path / "missing.txt"):
-        r = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--out", str(out), "--captions", str(bad)],
-                           cwd=REPO, capture_output=True, text=True)
-        assert r.returncode != 0 and str(bad) in r.stderr and "one caption per line" in r.stderr
+    for bad, why in ((empty, "one caption per line"), (tmp_path / "missing.txt", "does not exist")):
+        r = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--out", str(tmp_path / "new"),
+                            "--captions", str(bad)], cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 2 and str(bad) in r.stderr and why in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+    # the folder of an earlier run: refused without --overwrite, replaced with it
+    r = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--out", str(out), "--synthetic", "300"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "holds spm.model; pass --overwrite" in r.stderr
 
 
 def test_sentencepiece_encoder(spm_model):
