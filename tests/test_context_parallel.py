@@ -142,12 +142,12 @@ def test_cli_sample_cp2_matches_one_rank(tmp_path, cp_checkpoint):
     assert sum(r["final_passes"] for r in two["cp_ranks"]) == one["deep_network_evals"]  # tau = 0
 
 
-def test_cli_cp_input_errors(capsys):
+def test_cli_cp_input_errors(capsys, tmp_path):
     from megatron_starflow.cli import main
 
-    args = ["sample", "--checkpoint", "nowhere", "--prompt", "a red circle"]
+    args = ["sample", "--checkpoint", str(tmp_path), "--prompt", "a red circle"]
     assert main(args + ["--cp", "0"]) == 2
-    assert "--cp must be >= 1" in capsys.readouterr().err
+    assert "argument --cp: must be an integer >= 1" in capsys.readouterr().err
     assert main(args + ["--cp", "2", "--solver", "sequential"]) == 2
     assert "pipelined Jacobi" in capsys.readouterr().err
 
