@@ -451,3 +451,19 @@ def test_cli_sample_of_a_nan_model_is_one_line(ckpt, tmp_path, capsys, monkeypat
     assert err[0].startswith("error: deep block: the chunk of tokens 0..15 (frame 0) became "
                              "non-finite (NaN/inf) at Jacobi iteration 1 of at most 15")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_context_parallel_rank_error_is_one_line(ckpt, tmp_path, capfd):
+    """--cp 2 spawns two ranks; an input only the loaded model can judge (a frame count the codec
+    cannot make) fails in both: the user still sees one line (file-descriptor level: the ranks'
+    own output included), exit 2, nothing written."""
+    from megatron_starflow.cli import main
+
+    code = main(["sample", "--checkpoint", ckpt, "--prompt", "a", "--cp", "2", "--frames", "3",
+                 "--out", str(tmp_path / "cp.mp4")])
+    err = [line for line in capfd.readouterr().err.splitlines()
+           if line.strip() and "warn" not in line.lower()]
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --frames 3:") and "frames_per_token=2" in err[0]
+    assert os.listdir(tmp_path) == []

@@ -73,12 +73,21 @@ def cmd_sample_cp(args) -> int:
             raise ValueError(f"--cp {args.cp} but the launcher started {world} processes")
         sample_worker(args)
     else:
+        import logging
+
         import torch.multiprocessing as mp
 
+        # a failing rank makes torch log "Terminating process ... via signal SIGTERM" for the
+        # others: the rank's own error below is the one line the user needs
+        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+        level = spawn_log.level
+        spawn_log.setLevel(logging.ERROR)
         try:
             spawn_local(args.cp, sample_worker, args)
         except mp.ProcessRaisedException as exc:
             raise _one_line(exc) from None
+        finally:
+            spawn_log.setLevel(level)
     return 0
 
 
