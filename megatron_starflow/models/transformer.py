@@ -103,9 +103,9 @@ class KVCache:
         return k[:, :, :end], v[:, :, :end]
 
     def advance(self, slots: int) -> None:
-        """Commit ``slots`` slots written by the last pass."""
+        """Commit the first ``slots`` slots written by the last pass."""
         self.length += slots
-        self.written = 0
+        self.written = max(0, self.written - slots)
 
     def commit_written(self) -> None:
         """Commit the slots the last pass wrote (its keys come from that pass's inputs)."""
