@@ -285,7 +285,8 @@ def section_train(args, budget: Budget, work: str) -> dict:
 def section_deep_block(args, budget: Budget, work: str) -> dict:
     dry = args.dry_run_cpu
     script = os.path.join(REPO, "benchmarks", "train_throughput.py")
-    base = [sys.executable, script, "--gpu-deep-7b", "--steps", str(2 if dry else 3), "--warmup", "1"]
+    base = [sys.executable, script, "--gpu-deep-7b", "--steps", str(2 if dry else 3),
+            "--warmup", "1"]
     base += ["--shape-override", DEEP_TINY] if dry else ["--frames", str(args.deep_frames),
                                                         "--recompute"]
     out: dict = {}
@@ -338,8 +339,10 @@ def child_sampling(params: dict) -> dict:
             "seconds": {k: v["seconds"] for k, v in methods.items()},
             "deep_network_evals": {k: v["deep_network_evals"] for k, v in methods.items()},
             "speedup_vs_sequential": result["speedup_vs_sequential"],
-            "max_abs_token_diff_vs_sequential": {k: v["max_abs_token_diff"] for k, v in methods.items()},
-            "max_abs_pixel_diff_vs_sequential": {k: v["max_abs_video_diff"] for k, v in methods.items()}}
+            "max_abs_token_diff_vs_sequential": {k: v["max_abs_token_diff"]
+                                                 for k, v in methods.items()},
+            "max_abs_pixel_diff_vs_sequential": {k: v["max_abs_video_diff"]
+                                                 for k, v in methods.items()}}
 
 
 def child_jacobi_compile(params: dict) -> dict:
@@ -415,7 +418,8 @@ def _environment(dry: bool) -> dict:
 
     env = {"torch": torch.__version__, "cuda_build": torch.version.cuda,
            "cuda_available": torch.cuda.is_available(), "cpu_count": os.cpu_count(),
-           "transformer_engine_installed": importlib.util.find_spec("transformer_engine") is not None,
+           "transformer_engine_installed":
+               importlib.util.find_spec("transformer_engine") is not None,
            "dry_run_cpu": dry}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -441,7 +445,8 @@ def run_check(args) -> dict:
                            "the script at tiny shapes on the CPU")
         return report
     device = "cpu" if args.dry_run_cpu else "cuda"
-    # Jacobi chunks: a quarter frame in frame 0, then a frame (16 tokens per frame in the dry run, 256 on the GPU).
+    # Jacobi chunks: a quarter frame in frame 0, then a frame (16 tokens per frame in the dry
+    # run, 256 on the GPU).
     sample = {"prompts": 2, "tau": 1e-3,
               "block_size": [4, 16] if args.dry_run_cpu else [64, 256], "device": device}
     for name in SECTIONS:
@@ -455,8 +460,10 @@ def run_check(args) -> dict:
                 report[name] = section_deep_block(args, budget, work)
             elif name == "dali_gpu_decode":
                 slot = budget.slot(20 if args.dry_run_cpu else 90, 10)
-                report[name] = _skipped(f"time budget: {budget.left():.0f} s left") if slot is None \
-                    else _child(name, {"clips": 8}, slot)
+                if slot is None:
+                    report[name] = _skipped(f"time budget: {budget.left():.0f} s left")
+                else:
+                    report[name] = _child(name, {"clips": 8}, slot)
             else:
                 checkpoint = _checkpoint_of(report)
                 slot = budget.slot(120, 15)
@@ -496,10 +503,12 @@ def _finite(obj):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="overall wall-clock budget in seconds (default 450: under 8 minutes)")
-    p.add_argument("--workdir", default="", help="where runs go (default: a temporary folder, removed)")
+    p.add_argument("--workdir", default="",
+                   help="where runs go (default: a temporary folder, removed)")
     p.add_argument("--keep", action="store_true", help="keep the temporary workdir")
     p.add_argument("--only", default="", help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     p.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on the CPU (tests)")

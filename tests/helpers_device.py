@@ -48,7 +48,7 @@ def _unbind_copy(self, dim=0):
 
 @functools.lru_cache(maxsize=None)
 def use_lazy_device() -> torch.device:
-    """Initialise the lazy TorchScript backend once per process and return ``torch.device("lazy")``."""
+    """Initialise the lazy TorchScript backend (once per process) -> ``torch.device("lazy")``."""
     import torch._lazy
     import torch._lazy.ts_backend
 

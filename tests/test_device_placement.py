@@ -135,7 +135,8 @@ def test_jacobi_and_sequential_sampling_on_the_device(lazy_run, lazy):
     cfg = on_cpu.cfg
     first_frame = torch.from_numpy(make_clip(0, "heldout", cfg.data.frames, cfg.data.height,
                                              cfg.data.width)[0][:1].copy())
-    cases = {"jacobi_t2v_guided": ("jacobi", None, 1.5), "sequential_t2v": ("sequential", None, 0.0),
+    cases = {"jacobi_t2v_guided": ("jacobi", None, 1.5),
+             "sequential_t2v": ("sequential", None, 0.0),
              "jacobi_i2v": ("jacobi", first_frame, 0.0)}
     for name, (solver, prefix, guidance) in cases.items():
         with GeneratorDeviceCheck():
@@ -186,12 +187,12 @@ def test_heldout_evaluation_on_the_device(lazy_run, lazy):
 def test_a_planted_cpu_tensor_fails_on_the_device_and_passes_on_the_cpu(monkeypatch, lazy):
     """``+ torch.zeros(shape)`` (no device) in every flow head: the CPU does not notice, the
     lazy device raises at once, as CUDA would."""
-    from megatron_starflow.models.flow_block import FlowBlock
-    from megatron_starflow.parallel.state import ensure_single_process
     from conftest import TINY_MODEL
 
     from megatron_starflow.config import ModelConfig
+    from megatron_starflow.models.flow_block import FlowBlock
     from megatron_starflow.models.starflow import StarFlowV
+    from megatron_starflow.parallel.state import ensure_single_process
 
     ensure_single_process()
     torch.manual_seed(0)

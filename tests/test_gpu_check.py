@@ -49,7 +49,8 @@ def test_train_section_compares_bf16_with_fp32(report):
     t = r["train"]
     assert t["status"] == "ok", t
     runs = t["runs"]
-    assert runs["accelerator_bf16"]["dtype"] == "bfloat16" and runs["cpu_fp32"]["dtype"] == "float32"
+    assert runs["accelerator_bf16"]["dtype"] == "bfloat16"
+    assert runs["cpu_fp32"]["dtype"] == "float32"
     for name, run in runs.items():
         assert run["status"] == "ok" and run["steps_done"] == t["steps"] == 3, name
         assert _finite_list(run["loss"]) and _finite_list(run["bits_per_dim"]), name

@@ -5,8 +5,9 @@
 sample, CP sample) calls this once and passes the result down: models, text encoders, codecs,
 batches, masks, RoPE tables and KV caches are placed on it by their callers, and nothing below
 branches the algorithm on it. Random inputs (training noise, held-out noise, sampling noise) are
-drawn from CPU generators and moved, so a seed gives the same draws on any device. The backend follows the device, never ``torch.cuda.is_available()``:
-a CPU run on a CUDA node must still use gloo, since NCCL cannot reduce CPU tensors.
+drawn from CPU generators and moved, so a seed gives the same draws on any device. The backend
+follows the device, never ``torch.cuda.is_available()``: a CPU run on a CUDA node must still use
+gloo, since NCCL cannot reduce CPU tensors.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def check_layers_on(parallel, device: torch.device) -> None:
     naming the key and the fix, raised before any process group or model is built."""
     if parallel.spec != "te":
         return
-    keys = "parallel.spec=te" + (f" / parallel.fp8={parallel.fp8}" if parallel.fp8 != "none" else "")
+    keys = "parallel.spec=te"
+    if parallel.fp8 != "none":
+        keys += f" / parallel.fp8={parallel.fp8}"
     fix = "parallel.spec=local parallel.fp8=none"
     if torch.device(device).type != "cuda":
         raise ConfigError(f"{keys} builds Transformer Engine layers, which need a CUDA device, but "
