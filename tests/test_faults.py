@@ -275,12 +275,24 @@ def _sample(step_dir: str, tmp_path, capsys) -> tuple[int, list[str]]:
 
 
 def test_missing_tokenizer_is_one_line(checkpoint, tmp_path, capsys):
-    """The checkpoint's own tokenizer copy and the run's are both gone: one error naming
-    text.path and how to get one (exit 2), nothing written; a training config pointing at a
-    missing tokenizer likewise."""
+    """The tokenizer copy inside a checkpoint deleted: one line (the manifest lists it), exit 2,
+    nothing written; a checkpoint without a copy whose text.path is gone: one line naming
+    text.path and how to get one; a training config pointing at a missing tokenizer likewise."""
+    from megatron_starflow.training import sharded_checkpoint as sc
+
     run_dir, step_dir = checkpoint
-    step = _copy(step_dir, tmp_path)
+    step = _copy(step_dir, tmp_path / "deleted")
     os.remove(os.path.join(step, "tokenizer", "spm.model"))
+    code, err = _sample(step, tmp_path, capsys)
+    assert code == 2 and len(err) == 1 and "not intact: tokenizer/spm.model: missing" in err[0]
+    # written without a copy (the manifest does not list one), pointing at a tokenizer now gone
+    step = _copy(step_dir, tmp_path / "none")
+    shutil.rmtree(os.path.join(step, "tokenizer"))
+    with open(os.path.join(step, sc.MANIFEST)) as f:
+        manifest = json.load(f)
+    del manifest["files"]["tokenizer/spm.model"]
+    with open(os.path.join(step, sc.MANIFEST), "w") as f:
+        json.dump(manifest, f)
     _rewrite_config(step, lambda c: c["text"].update(path=str(tmp_path / "gone.model")))
     code, err = _sample(step, tmp_path, capsys)
     assert code == 2 and len(err) == 1 and "text.path" in err[0] and "gone.model" in err[0]
@@ -312,3 +324,18 @@ def test_config_from_another_version(checkpoint, tmp_path, capsys):
     assert system.cfg.model.denoiser_output_scale == ModelConfig().denoiser_output_scale
     code, err = _sample(older, tmp_path, capsys)
     assert code == 0 and err == [] and (tmp_path / "s.mp4").is_file()
+
+
+def test_truncated_weights_in_a_named_step_folder_is_one_line(checkpoint, tmp_path, capsys):
+    """sample / eval given a step folder whose weight file was truncated: one line naming the file,
+    its size and the manifest's (exit 2), instead of DCP's EOFError traceback. (A run folder falls
+    back to the newest intact checkpoint: tests/test_resume.py.)"""
+    _, step_dir = checkpoint
+    step = _copy(step_dir, tmp_path)
+    victim = os.path.join(step, "model", "__0_0.distcp")
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    code, err = _sample(step, tmp_path, capsys)
+    assert code == 2 and len(err) == 1
+    assert "is not intact: model/__0_0.distcp" in err[0] and "(truncated)" in err[0]
+    assert not (tmp_path / "s.mp4").exists()

@@ -19,6 +19,12 @@ def resolve_checkpoint(path: str) -> str:
     """A run folder, a checkpoints folder or a step folder -> the step folder to read: the newest
     intact checkpoint of a run (damaged ones are skipped with a warning)."""
     if os.path.isfile(os.path.join(path, "meta.json")):
+        # a step folder named directly: its manifest, and every file's size (hashing a large
+        # checkpoint on every sample/eval call would cost minutes; a run folder is hashed)
+        problems = store.verify(path, hashes=False)
+        if problems:
+            raise store.NoIntactCheckpointError(f"checkpoint {path} is not intact: "
+                                                f"{'; '.join(problems)}")
         return path
     for run_dir in (path, os.path.dirname(os.path.abspath(path))):
         if os.path.isdir(store.checkpoints_dir(run_dir)):
