@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_starflow.models.noise import add_noise
 from megatron_starflow.training import losses
 
 
 def _inputs(model, batch=2, t=3, h=2, w=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, t, h, w, model.cfg.token_channels, generator=g, dtype=torch.float64)
-    noisy = losses.add_noise(x, model.cfg.noise_std, torch.Generator().manual_seed(seed + 1))
+    noisy = add_noise(x, model.cfg.noise_std, torch.Generator().manual_seed(seed + 1))
     text = torch.randn(batch, model.cfg.text_length, model.cfg.text_width, generator=g,
                        dtype=torch.float64)
     return noisy, text
@@ -136,7 +137,7 @@ def test_nll_and_bits_per_dim(make_model):
 
 def test_add_noise_and_fsm_target_scale():
     x = torch.zeros(4, 2, 3, dtype=torch.float64)
-    noisy = losses.add_noise(x, 0.5, torch.Generator().manual_seed(0))
+    noisy = add_noise(x, 0.5, torch.Generator().manual_seed(0))
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.equal(noisy, 0.5 * eps)
     g = torch.randn(4, 2, 3, dtype=torch.float64)
