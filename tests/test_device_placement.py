@@ -256,3 +256,37 @@ def test_te_layers_off_cuda_are_one_clear_error(tmp_path, capsys, keys, named):
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
     assert named in err and "parallel.spec=local parallel.fp8=none" in err and "cuda" in err
     assert not out.exists()  # refused before anything was written
+
+
+def test_a_te_checkpoint_read_off_cuda_is_one_clear_error(lazy_run, tmp_path, capsys):
+    """Sampling / evaluating a run trained with parallel.spec=te on a machine without CUDA: one
+    line, exit 2, before anything is built or written."""
+    import hashlib
+    import shutil
+
+    from megatron_starflow.cli.app import main
+    from megatron_starflow.config import ConfigError
+    from megatron_starflow.convert.loading import load_system
+
+    step_dir = os.path.join(lazy_run[0], "checkpoints", "step_0000002")
+    copy = str(tmp_path / "step_0000002")
+    shutil.copytree(step_dir, copy)
+    config_path = os.path.join(copy, "config.json")
+    cfg = json.load(open(config_path))
+    cfg["parallel"].update(spec="te", fp8="hybrid")
+    with open(config_path, "w") as f:
+        json.dump(cfg, f)
+    integrity = json.load(open(os.path.join(copy, "integrity.json")))
+    data = open(config_path, "rb").read()
+    integrity["files"]["config.json"] = {"sha256": hashlib.sha256(data).hexdigest(),
+                                         "size": len(data)}
+    with open(os.path.join(copy, "integrity.json"), "w") as f:
+        json.dump(integrity, f)
+    with pytest.raises(ConfigError, match="parallel.spec=te / parallel.fp8=hybrid"):
+        load_system(copy, "cpu")
+    out = tmp_path / "t2v.mp4"
+    code = main(["sample", "--checkpoint", copy, "--task", "t2v", "--prompt", "a red circle",
+                 "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "parallel.spec=local" in err
+    assert not out.exists()
