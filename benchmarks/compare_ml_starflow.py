@@ -26,8 +26,10 @@ hits both alike. Rows:
   ``shallow_inverse``; theirs: ``Model.reverse(jacobi=False)``).
 * ``jacobi``: video-aware block Jacobi, chunks of ``--block`` tokens in the first frame and 4x
   after it (their rule), tau = ``--tau`` (their ``jacobi_th``), at most as many iterations as
-  tokens in a chunk (their ``jacobi_max_iter`` = 4 x block). The row reports both sides' deep
-  passes and token evaluations and their max difference to their own sequential inverse.
+  tokens in a chunk (their ``jacobi_max_iter`` = 4 x block). Ours runs without its commit pass
+  after a tau stop (their rule; ``--commit-pass`` for ours with it). The row reports both sides'
+  deep and shallow passes and token evaluations, the ratio per token evaluation, and each side's
+  max difference to its own sequential inverse.
 * ``jacobi_exact``: the same with tau = 0 (both exact; theirs runs every chunk to its iteration
   cap, ours stops a chunk when an iteration changes nothing).
 * ``jacobi_cfg``: ``jacobi`` with classifier-free guidance w = ``--cfg`` (unconditional text: a
@@ -130,16 +132,25 @@ def their_model(theirs: str, cfg, our_state: dict):
 
 
 def interleaved(ours, theirs, repeats: int) -> dict:
-    """Alternate the two (order swapped every pair), -> medians and the ratio."""
+    """Alternate the two (order swapped every pair) -> medians of wall-clock and of this thread's
+    CPU time (with one torch thread the computation runs on this thread; CPU time does not count
+    the time other processes of a shared machine hold the core), their ratios, and the median of
+    the per-pair ratios."""
     times = {"ours": [], "theirs": []}
+    cpu = {"ours": [], "theirs": []}
     for r in range(repeats):
         order = (("ours", ours), ("theirs", theirs)) if r % 2 == 0 else (("theirs", theirs), ("ours", ours))
         for name, fn in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.thread_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
     return {"ours_s": med["ours"], "theirs_s": med["theirs"], "ratio": med["ours"] / med["theirs"],
+            "ours_cpu_s": cmed["ours"], "theirs_cpu_s": cmed["theirs"],
+            "ratio_cpu": cmed["ours"] / cmed["theirs"],
+            "ratio_pairs_median": statistics.median(a / b for a, b in zip(times["ours"], times["theirs"])),
             "ours_times_s": times["ours"], "theirs_times_s": times["theirs"]}
 
 
@@ -166,7 +177,7 @@ def count_passes(their_model):
 
 
 def run_model(name: str, theirs: str, rows, repeats: int, block: int, tau: float, cfg_w: float,
-              head: float) -> dict:
+              head: float, commit_pass: bool = False) -> dict:
     import torch
 
     from megatron_starflow.models.starflow import StarFlowV
@@ -281,7 +292,7 @@ def run_model(name: str, theirs: str, rows, repeats: int, block: int, tau: float
             if row not in rows:
                 continue
             opts = SolverOptions("jacobi", block, 4 * block, tau_row, video_aware=True,
-                                 guidance=cfg_w if guided else 0.0)
+                                 guidance=cfg_w if guided else 0.0, commit_pass=commit_pass)
             if guided:
                 seq_o = our_inverse(SolverOptions("sequential", guidance=cfg_w), True)[0]
                 seq_t = their_inverse(False, guided=True)
@@ -304,6 +315,7 @@ def run_model(name: str, theirs: str, rows, repeats: int, block: int, tau: float
                 k: res[f"{k}_s"] / max(1, work[k]["deep_tokens"] + work[k]["shallow_tokens"])
                 for k in ("ours", "theirs")}
             out["rows"][row] = {"batch": b, "tau": tau_row, "block": [block, 4 * block],
+                                "ours_commit_pass": commit_pass,
                                 "guidance": cfg_w if guided else 0.0, "check": check,
                                 "work": work, **res,
                                 "seconds_per_token_eval": per_token,
@@ -322,6 +334,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--tau", type=float, default=1e-3)
     parser.add_argument("--cfg", type=float, default=3.5, help="guidance weight of jacobi_cfg")
     parser.add_argument("--head", type=float, default=0.5, help="flow-head scale of the random weights")
+    parser.add_argument("--commit-pass", action="store_true",
+                        help="our Jacobi with its commit pass after a tau stop (default: without, "
+                             "their rule: the same passes per iteration count)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     theirs = os.path.abspath(args.theirs)
@@ -344,11 +359,13 @@ def main(argv=None) -> dict:
     result = {"benchmark": "compare_ml_starflow", "theirs": theirs, "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "repeats": args.repeats,
               "block": args.block, "tau": args.tau, "cfg": args.cfg, "head": args.head,
+              "commit_pass": args.commit_pass,
               "models": [run_model(name, theirs, rows, args.repeats, args.block, args.tau, args.cfg,
-                                   args.head)
+                                   args.head, args.commit_pass)
                          for name in args.models.split(",")]}
-    result["ratios"] = {f"{mod['model']}/{row}": r["ratio"] for mod in result["models"]
-                        for row, r in mod["rows"].items()}
+    result["ratios"] = {f"{mod['model']}/{row}": {k: round(r[k], 3) for k in
+                                                   ("ratio", "ratio_cpu", "ratio_pairs_median")}
+                        for mod in result["models"] for row, r in mod["rows"].items()}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -170,3 +170,21 @@ def test_prefix_runs_of_the_denoiser_masks(megatron_ready):
     stack.fast = True
     assert (grads[0][0] - grads[1][0]).abs().max() < TOL
     assert (grads[0][1] - grads[1][1]).abs().max() < 1e-10
+
+
+def test_cached_parameters_follow_updates_and_conversions(megatron_ready):
+    """The fast path gathers each layer's parameters once: in-place updates show through, and a
+    dtype conversion (which may replace them) is picked up."""
+    from megatron_starflow.models.transformer import TransformerStack
+
+    torch.manual_seed(0)
+    stack = TransformerStack(32, 2, 16)
+    layout = SlotLayout(0, 2, 2, 2, with_time=False, pt_seq_len=4.0)
+    angles = layout.angles(16, 10000.0, 0.25)
+    with torch.no_grad():
+        stack(_rand(1, layout.total, 32).float(), None, angles)  # gathers float32 parameters
+        stack.double()
+        for p in stack.parameters():
+            p.add_(_rand(*p.shape, seed=9) * 0.1)
+        fast, slow = _both(stack, _rand(1, layout.total, 32), None, angles)
+    assert fast.dtype == torch.float64 and (fast - slow).abs().max() < TOL

@@ -386,6 +386,7 @@ class TransformerStack(nn.Module):
         self.tp, self.sp = tp, self.config.sequence_parallel
         self.spec, self.fp8 = spec, fp8
         self.fast = True  # see uses_fast_path; tests compare it with megatron's block
+        self._packs = None
         self.block = mc["TransformerBlock"](
             self.config, mc["TransformerBlockSubmodules"](layer_specs=[layer] * layers),
             post_layer_norm=False)
@@ -508,44 +509,66 @@ class TransformerStack(nn.Module):
                                                                     x.dtype, x.device)
         recompute = (self.config.recompute_granularity == "full" and self.training
                      and torch.is_grad_enabled())
-        for i, layer in enumerate(self.block.layers):
+        for i, pack in enumerate(self._layer_packs()):
             mask = first if i == 0 else attn
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(self._fast_layer, layer, x, rotary, mask, None,
+                x = torch.utils.checkpoint.checkpoint(_fast_layer, pack, x, rotary, mask, None,
                                                       use_reentrant=False)
             else:
-                x = self._fast_layer(layer, x, rotary, mask, cache)
+                x = _fast_layer(pack, x, rotary, mask, cache)
         return x
 
-    def _fast_layer(self, layer, x, rotary, mask, cache):
-        b, s, w = x.shape
-        d = self.head_dim
-        heads = self.config.num_attention_heads
-        ln = layer.input_layernorm
-        h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        att = layer.self_attention
-        qkv = F.linear(h, att.linear_qkv.weight, att.linear_qkv.bias).view(b, s, heads, 3, d)
-        qk = rope.rotate_pairs(qkv[:, :, :, :2], rotary[:, None, None])  # [B, S, H, 2, d]
-        q, k = qk[:, :, :, 0].transpose(1, 2), qk[:, :, :, 1].transpose(1, 2)
-        v = qkv[:, :, :, 2].transpose(1, 2)
-        if cache is not None:
-            k, v = cache.write(layer.layer_number, k, v)
-        scale = att.core_attention.softmax_scale
-        if isinstance(mask, _PrefixRuns):  # query rows in runs that each see a prefix of keys
-            o = torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :keys],
-                                                          v[:, :, :keys], scale=scale)
-                           for lo, hi, keys in mask.runs], dim=2)
-        else:
-            additive, causal = mask
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, is_causal=causal,
-                                               scale=scale)
-        o = o.transpose(1, 2).reshape(b, s, heads * d)
-        x = x + F.linear(o, att.linear_proj.weight, att.linear_proj.bias)
-        ln = layer.pre_mlp_layernorm
-        h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        mlp = layer.mlp
-        h = self.config.activation_func(F.linear(h, mlp.linear_fc1.weight, mlp.linear_fc1.bias))
-        return x + F.linear(h, mlp.linear_fc2.weight, mlp.linear_fc2.bias)
+    def _layer_packs(self) -> list["_LayerPack"]:
+        """Per layer, its parameters and settings as the fast path reads them, gathered once
+        (module attribute lookups cost more than a small layer's arithmetic). Parameters are held
+        as objects, so in-place updates (optimizer steps, load_state_dict, .to()) show through;
+        ``_apply`` (a dtype / device conversion that may replace them) drops the cache."""
+        if self._packs is None:
+            self._packs = [_LayerPack(layer, self.config, self.head_dim) for layer in self.block.layers]
+        return self._packs
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packs = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+class _LayerPack:
+    __slots__ = ("ln1", "qkv", "proj", "ln2", "fc1", "fc2", "number", "heads", "head_dim",
+                 "scale", "activation")
+
+    def __init__(self, layer, config, head_dim: int):
+        def norm(m):
+            return (m.normalized_shape, m.weight, m.bias, m.eps)
+
+        att, mlp = layer.self_attention, layer.mlp
+        self.ln1, self.ln2 = norm(layer.input_layernorm), norm(layer.pre_mlp_layernorm)
+        self.qkv = (att.linear_qkv.weight, att.linear_qkv.bias)
+        self.proj = (att.linear_proj.weight, att.linear_proj.bias)
+        self.fc1 = (mlp.linear_fc1.weight, mlp.linear_fc1.bias)
+        self.fc2 = (mlp.linear_fc2.weight, mlp.linear_fc2.bias)
+        self.number, self.heads, self.head_dim = layer.layer_number, config.num_attention_heads, head_dim
+        self.scale, self.activation = att.core_attention.softmax_scale, config.activation_func
+
+
+def _fast_layer(p: _LayerPack, x, rotary, mask, cache):
+    """One layer of ``TransformerStack._fast_forward`` (x [B, S, W])."""
+    b, s, _ = x.shape
+    h = torch.layer_norm(x, *p.ln1)
+    qkv = F.linear(h, *p.qkv).view(b, s, p.heads, 3, p.head_dim)
+    q, k = rope.rotate_pairs(qkv.narrow(3, 0, 2), rotary[:, None, None]).transpose(1, 2).unbind(3)
+    v = qkv.select(3, 2).transpose(1, 2)  # [B, H, S, d]
+    if cache is not None:
+        k, v = cache.write(p.number, k, v)
+    if isinstance(mask, _PrefixRuns):  # query rows in runs that each see a prefix of keys
+        o = torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :keys],
+                                                      v[:, :, :keys], scale=p.scale)
+                       for lo, hi, keys in mask.runs], dim=2)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0], is_causal=mask[1],
+                                           scale=p.scale)
+    x = x + F.linear(o.transpose(1, 2).reshape(b, s, -1), *p.proj)
+    h = torch.layer_norm(x, *p.ln2)
+    return x + F.linear(p.activation(F.linear(h, *p.fc1)), *p.fc2)
 
 
 class _PrefixRuns:
