@@ -472,7 +472,8 @@ def allreduce_cp_grads(parameters, group) -> None:
     params = [p for p in parameters if p.requires_grad]
     if not params:
         return
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                       device=params[0].device)  # NCCL reduces device tensors only
     dist.all_reduce(has, group=group)
     chosen = [p for p, h in zip(params, has.tolist()) if h]
     for p in chosen:
