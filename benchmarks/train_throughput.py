@@ -6,7 +6,12 @@
     python benchmarks/train_throughput.py --gpu-deep-7b --shape-override width=64,layers=2,head_dim=32,frames=2,height=4,width=4,text=8
 
 ``--preset`` runs whole training steps of the one-process loop (synthetic clips, text encoder,
-flow NLL + FSM backward, AdamW) on whatever device torch uses here (CPU on the dev machine).
+flow NLL + FSM backward, AdamW) on whatever device torch uses here (CPU on the dev machine). It
+also reports, per run, the deep block's forward + backward time per deep-block token evaluation
+(``deep_block``) and, on the model after the timed steps, sequential vs video-aware Jacobi
+sampling: the time per deep-block token evaluation of each and the Jacobi speed-up at equal
+output, i.e. at the first tau whose video is within 2/255 of the sequential one (``sampling``;
+``--no-sampling`` skips it).
 
 ``--gpu-deep-7b`` builds only the deep block's transformer stack at the 7 B shapes (width 4096,
 24 layers, head dim 64, MLP ratio 4; sequence = 256 text + 21 x 30 x 52 latent tokens = 33016, the
@@ -52,7 +57,7 @@ def _timed(fn, steps: int, warmup: int, sync) -> list[float]:
 
 
 def run_preset(preset: str, steps: int, warmup: int, overrides: list[str], peak_tflops: float,
-               threads: int = 0) -> dict:
+               threads: int = 0, sampling: bool = True) -> dict:
     import torch
 
     from megatron_starflow.config import load_config
@@ -96,12 +101,60 @@ def run_preset(preset: str, steps: int, warmup: int, overrides: list[str], peak_
     flops = model_flops(cfg, tokens.shape[0], tuple(tokens.shape[1:4]))
     dt = statistics.median(times)
     n_tokens = tokens.shape[0] * tokens[0, ..., 0].numel()
-    return {"benchmark": "train_step", "preset": preset, "overrides": overrides, "device": "cpu",
-            "threads": torch.get_num_threads(), "dtype": cfg.train.dtype, "batch": tokens.shape[0],
-            "grid": list(tokens.shape[1:4]), "steps": steps, "warmup": warmup,
-            "step_time_s": dt, "step_times_s": times, "tokens_per_step": n_tokens,
-            "tokens_per_s": n_tokens / dt, "hardware_flops_per_step": flops.hardware_flops_per_step,
-            "peak_tflops": peak_tflops or None, **step_metrics(flops, dt, peak_tflops)}
+    out = {"benchmark": "train_step", "preset": preset, "overrides": overrides, "device": "cpu",
+           "threads": torch.get_num_threads(), "dtype": cfg.train.dtype, "batch": tokens.shape[0],
+           "grid": list(tokens.shape[1:4]), "steps": steps, "warmup": warmup,
+           "step_time_s": dt, "step_times_s": times, "tokens_per_step": n_tokens,
+           "tokens_per_s": n_tokens / dt, "hardware_flops_per_step": flops.hardware_flops_per_step,
+           "peak_tflops": peak_tflops or None, **step_metrics(flops, dt, peak_tflops)}
+    out["deep_block"] = _deep_block_timing(system, tokens, batch["caption"], cfg, steps, warmup,
+                                           autocast)
+    if sampling:
+        out["sampling"] = _sampling_speed(system, batch["caption"][:1], cfg)
+    return out
+
+
+def _deep_block_timing(system, tokens, captions, cfg, steps, warmup, autocast) -> dict:
+    """Forward + backward of the deep block alone on this batch's deep-block inputs (the shallow
+    blocks' output and the text): seconds per deep-block token evaluation (slot, text included)."""
+    import torch
+
+    from megatron_starflow.models.noise import add_noise
+
+    model = system.model
+    b, t, h, w, c = tokens.shape
+    layout = model.deep_layout(t, h, w)
+    with torch.no_grad(), autocast:
+        u = add_noise(tokens, cfg.model.noise_std, torch.Generator().manual_seed(1))
+        for i in range(len(model.blocks) - 1):
+            u, _ = model.shallow_forward(i, u)
+        text = system.encode_text(captions)
+    u = u.reshape(b, t * h * w, c)
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            z, logdet = model.deep_block(u, layout, text)
+            (0.5 * z.float().pow(2).mean() - logdet.float().mean() / z[0].numel()).backward()
+
+    times = _timed(fwd_bwd, steps, warmup, lambda: None)
+    dt = statistics.median(times)
+    evals = b * layout.total
+    model.zero_grad(set_to_none=True)
+    return {"fwd_bwd_s": dt, "token_evals": evals, "seconds_per_deep_token_eval": dt / evals}
+
+
+def _sampling_speed(system, captions, cfg) -> dict:
+    """Sequential vs video-aware Jacobi on this (briefly trained) model: time per deep-block token
+    evaluation of each, and the Jacobi speed-up at equal output (``sampling.speed``)."""
+    from megatron_starflow.sampling.jacobi import SolverOptions
+    from megatron_starflow.sampling.speed import equal_output_speedup
+
+    system.eval()
+    blocks = (SolverOptions.first_block, SolverOptions.later_block)
+    result = equal_output_speedup(system, list(captions), cfg.data.frames, 0, blocks)
+    system.train()
+    return {"prompts": len(captions), "block_size": list(blocks), **result}
 
 
 def run_gpu_deep(steps: int, warmup: int, frames: int | None, recompute: bool, peak_tflops: float,
@@ -184,6 +237,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-sampling", action="store_true",
+                        help="--preset: skip the sampling figures (sequential vs video-aware Jacobi "
+                             "at equal output on the model after the timed steps)")
     parser.add_argument("--gpu-deep-7b", action="store_true")
     parser.add_argument("--frames", type=int, default=0, help="--gpu-deep-7b: latent frames (default 21)")
     parser.add_argument("--recompute", action="store_true", help="--gpu-deep-7b: full per-layer recompute")
@@ -204,7 +260,7 @@ def main(argv=None) -> dict:
                               args.fp8, args.fp8_recipe)
     else:
         result = run_preset(args.preset, args.steps, args.warmup, args.overrides, args.peak_tflops,
-                            args.threads)
+                            args.threads, sampling=not args.no_sampling)
     print(json.dumps(result))
     return result
 

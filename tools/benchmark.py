@@ -8,9 +8,13 @@
 ``sampling`` loads a checkpoint and generates the same T2V batch (same prompts, same noise) three
 ways: (a) sequential, KV-cached, token by token; (b) plain block Jacobi (chunks start from z);
 (c) video-aware Jacobi (chunks in frame n > 0 start from frame n-1). It reports, per method, the
-wall seconds, the deep and shallow network evaluations and the largest absolute difference to
-the sequential result, both of the tokens before denoising (``Generation.tokens``) and of the
-uint8 video, plus the speed-up of each method over the sequential one.
+wall seconds, the deep and shallow network evaluations and token evaluations, the deep block's
+inversion seconds per token evaluation, and the largest absolute difference to the sequential
+result, both of the tokens before denoising (``Generation.tokens``) and of the uint8 video, plus
+the speed-up of each method over the sequential one. ``equal_output`` then walks video-aware
+Jacobi down a tau ladder (``--tau``, 10x smaller, ..., 0), with and without the commit pass,
+until the video is within 2/255 of the sequential one, and reports that tau and the speed-up
+over sequential at equal output (``megatron_starflow/sampling/speed.py``).
 
 ``data`` writes synthetic VP9 and H.264 files, packs them into video, decoded-clip and latent
 shards and times each input path per rank (``benchmarks/data_throughput.py``, which has more
@@ -55,8 +59,13 @@ def _max_abs(a, b) -> float:
 def run_sampling_benchmark(checkpoint: str, prompts: int = 2, seed: int = 0, tau: float = 1e-3,
                            block_size: tuple[int, ...] = (16, 64), frames: int = 0,
                            guidance: float = 0.0, warmup: int = 1, repeats: int = 1,
-                           threads: int = 0, device: str | None = None) -> dict:
+                           threads: int = 0, device: str | None = None,
+                           equal_output: bool = True) -> dict:
     """Sequential vs plain Jacobi vs video-aware Jacobi on one checkpoint -> a JSON-ready dict.
+    Per method also the deep block's seconds per token evaluation; ``equal_output``: the
+    Jacobi-vs-sequential speed-up at equal output (``sampling.speed.equal_output_speedup``: the
+    first tau of a ladder whose video is within 2/255 of sequential, with and without the commit
+    pass).
     ``device``: auto | cpu | cuda (None: the checkpoint config's ``train.device``); the wall times
     include the copy of the video to the CPU, which waits for the device."""
     import torch
@@ -64,6 +73,7 @@ def run_sampling_benchmark(checkpoint: str, prompts: int = 2, seed: int = 0, tau
     from megatron_starflow.convert.loading import load_system
     from megatron_starflow.sampling.generate import generate
     from megatron_starflow.sampling.jacobi import SolverOptions
+    from megatron_starflow.sampling.speed import equal_output_speedup, run_summary
 
     if not block_size or len(block_size) > 2 or min(block_size) < 1:
         raise ValueError(f"--block-size takes one or two sizes >= 1 (first frame, later frames), "
@@ -96,11 +106,8 @@ def run_sampling_benchmark(checkpoint: str, prompts: int = 2, seed: int = 0, tau
             best = seconds if best is None else min(best, seconds)
         outputs[name] = out
         results[name] = {
-            "seconds": best,
+            **run_summary(out, best),
             "invert_seconds": out.seconds.get("invert"),
-            "deep_network_evals": out.deep.network_evals,
-            "shallow_network_evals": out.shallow.network_evals,
-            "deep_token_evals": out.deep.token_evals,
             "deep_jacobi_iterations": out.deep.iterations,
         }
     reference = outputs["sequential"]
@@ -109,6 +116,10 @@ def run_sampling_benchmark(checkpoint: str, prompts: int = 2, seed: int = 0, tau
         results[name]["max_abs_video_diff"] = int(round(_max_abs(out.video, reference.video)))
     seq = results["sequential"]
     t, h, w, c = reference.tokens.shape[1:]
+    equal = None
+    if equal_output:
+        equal = equal_output_speedup(system, captions, frames, seed, (first, later), tau, guidance,
+                                     reference=(reference, seq["seconds"]))
     return {
         "benchmark": "sampling",
         "checkpoint": step_dir,
@@ -130,6 +141,7 @@ def run_sampling_benchmark(checkpoint: str, prompts: int = 2, seed: int = 0, tau
         "deep_eval_ratio_vs_sequential": {
             name: seq["deep_network_evals"] / max(r["deep_network_evals"], 1)
             for name, r in results.items() if name != "sequential"},
+        "equal_output": equal,
     }
 
 
@@ -216,7 +228,8 @@ def cmd_sampling(args) -> int:
         return 0
     result = run_sampling_benchmark(args.checkpoint, args.prompts, args.seed, args.tau,
                                     tuple(args.block_size), args.frames, args.cfg, args.warmup,
-                                    args.repeats, args.threads)
+                                    args.repeats, args.threads,
+                                    equal_output=not args.no_equal_output)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -269,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--threads", type=checks.integer(0), default=0, help="torch CPU threads (0 = default)")
     sa.add_argument("--cp", type=checks.integer(1), default=1,
                     help="N >= 2: one-rank vs N context-parallel ranks (pipelined Jacobi)")
+    sa.add_argument("--no-equal-output", action="store_true",
+                    help="skip the search for the tau at which video-aware Jacobi gives the "
+                         "sequential video within 2/255 (the speed-up at equal output)")
     sa.set_defaults(func=cmd_sampling)
 
     da = sub.add_parser("data", help="clips/s: DALI CPU vs PyAV decoding vs latent shards")
