@@ -233,6 +233,20 @@ def test_a_draw_from_a_cpu_generator_into_a_device_tensor_is_caught(lazy):
     torch.testing.assert_close(noisy.cpu(), expected)
 
 
+def test_masks_are_built_on_the_device(lazy):
+    """Mask labels are cached per device, so a mask is built where attention runs (no CPU build
+    and copy per step) and equals the CPU one."""
+    from megatron_starflow.models.layout import SlotLayout
+
+    layout = SlotLayout(3, 4, 2, 2, with_time=True, pt_seq_len=4.0, window=2)
+    for build in (lambda d: layout.causal_mask(5, 6, device=d),
+                  lambda d: layout.attention_mask(5, 6, device=d),
+                  lambda d: layout.lookahead_mask(ahead=1, device=d)):
+        on_device = build(lazy)
+        assert on_device.device.type == "lazy"
+        assert torch.equal(on_device.cpu(), build("cpu"))
+
+
 def test_select_device_takes_a_device_object(lazy):
     from megatron_starflow.parallel.device import backend_for, select_device
 

@@ -50,13 +50,13 @@ class FlowScoreDenoiser(nn.Module):
         """tokens ``[B, N, C]`` (raster order, frames in time order) -> scaled score ``[B, N, C]``."""
         dtype = self.proj_in.weight.dtype
         h = torch.cat([self.proj_txt(text.to(dtype)), self.proj_in(tokens.to(dtype))], dim=1)
-        ahead = layout.lookahead_mask(ahead=1).to(h.device)
+        ahead = layout.lookahead_mask(ahead=1, device=h.device)
         angles = layout.angles(*self.rope).to(h.device)
         rotary = layout.rotary(*self.rope, h.dtype, h.device)
         if self.lookahead == "every_layer":
             h = self.transformer(h, ahead, angles, rotary=rotary)
         else:
-            causal = layout.lookahead_mask(ahead=0).to(h.device)
+            causal = layout.lookahead_mask(ahead=0, device=h.device)
             h = self.transformer(h, causal, angles, first_layer_allowed=ahead, rotary=rotary)
         out = self.proj_out(self.final_norm(h[:, layout.text_len:]))
         if self.output_scale != 1.0:

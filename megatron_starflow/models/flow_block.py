@@ -75,7 +75,7 @@ class FlowBlock(nn.Module):
     def _transformer(self, h, layout, start, cache=None, commit=False):
         """The stack over slots start..start+S-1 (RoPE tables and masks from the layout)."""
         length = h.shape[1]
-        return self.transformer(h, layout.attention_mask(start, length),
+        return self.transformer(h, layout.attention_mask(start, length, h.device),
                                 self._angles(layout, start, length, h), cache, commit,
                                 rotary=self._rotary(layout, start, length, h))
 

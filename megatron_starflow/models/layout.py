@@ -45,35 +45,41 @@ class SlotLayout:
         """``rope.rotary_factors`` of ``angles``, computed once per layout, dtype and device."""
         return _rotary(self, head_dim, base, time_fraction, dtype, str(device))
 
-    def labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(slot index, frame index, is-text) of every slot; text slots are labelled frame 0."""
-        return _labels(self)
+    def labels(self, device: torch.device | str = "cpu"
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slot index, frame index, is-text) of every slot; text slots are labelled frame 0.
+        Cached per layout and device: masks are built from them where they are used (a 7B
+        denoiser mask is 33016^2 booleans, which the CPU would build and copy every step)."""
+        return _labels(self, str(torch.device(device)))
 
-    def attention_mask(self, q_start: int = 0, q_len: int | None = None) -> torch.Tensor | None:
+    def attention_mask(self, q_start: int = 0, q_len: int | None = None,
+                       device: torch.device | str = "cpu") -> torch.Tensor | None:
         """``causal_mask``, or None when it is plain causal (no window): the stack then needs no
         mask for a one-slot query and uses the causal kernel for a whole sequence."""
-        return None if self.window <= 0 else self.causal_mask(q_start, q_len)
+        return None if self.window <= 0 else self.causal_mask(q_start, q_len, device)
 
-    def causal_mask(self, q_start: int = 0, q_len: int | None = None) -> torch.Tensor:
-        """Allowed [q_len, q_start + q_len] for queries q_start.. attending to every earlier slot."""
+    def causal_mask(self, q_start: int = 0, q_len: int | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+        """Allowed [q_len, q_start + q_len] for queries q_start.. attending to every earlier slot,
+        built on ``device``."""
         q_len = self.total - q_start if q_len is None else q_len
-        slot, frame, is_text = self.labels()
+        slot, frame, is_text = self.labels(device)
         q = slice(q_start, q_start + q_len)
         k = slice(0, q_start + q_len)
         return masks.frame_causal(slot[q], slot[k], frame[q], frame[k], is_text[k], self.window)
 
-    def lookahead_mask(self, ahead: int = 1) -> torch.Tensor:
-        _, frame, is_text = self.labels()
+    def lookahead_mask(self, ahead: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
+        _, frame, is_text = self.labels(device)
         return masks.lookahead(frame, frame, is_text, self.window, ahead)
 
 
 @lru_cache(maxsize=64)
-def _labels(layout: SlotLayout):
+def _labels(layout: SlotLayout, device: str):
     slot = torch.arange(layout.total)
     frame = torch.zeros(layout.total, dtype=torch.long)
     frame[layout.text_len:] = torch.arange(layout.video_len) // layout.tokens_per_frame
     is_text = slot < layout.text_len
-    return slot, frame, is_text
+    return slot.to(device), frame.to(device), is_text.to(device)
 
 
 @lru_cache(maxsize=64)
