@@ -52,6 +52,10 @@ class SolverOptions:
     # iteration wrote (the reference's rule: one pass less per chunk). An iteration that changes
     # nothing (always the case with tau = 0 once converged) never needs it.
     commit_pass: bool = True
+    # Commit the final tokens of a chunk after every pass and iterate only the rest (fewer token
+    # evaluations); False: every pass covers the whole chunk, so a chunk has one shape (what a
+    # compiled or graph-captured step wants).
+    shrink: bool = True
 
     def __post_init__(self):
         if self.solver not in ("sequential", "jacobi"):
@@ -203,6 +207,8 @@ class BlockInverter:
             changed = diff.ne(0).flatten(2).any(2).any(0)  # per token of this pass
             moved = torch.nonzero(changed)
             final = moved[0, 0].item() + 1 if moved.numel() else new.shape[1]
+            if not self.opts.shrink and final < new.shape[1]:
+                final = 0
             final_sq += new[:, :final].pow(2).sum().item()
             x[:, a:a + final] = new[:, :final]
             self.cache.advance(final)
