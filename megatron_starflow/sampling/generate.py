@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -175,8 +175,8 @@ def deep_inverse(model, z, grid, opts, text, uncond, prefix_u, train_t, context_
 def shallow_inverse(model, x, h, w, opts):
     """Shallow blocks, last to first: every frame is an independent one-frame sequence, and all
     frames of the batch are inverted at once."""
-    shallow_opts = SolverOptions(opts.solver, opts.first_block, opts.first_block, opts.tau,
-                                 opts.max_iters, video_aware=False)
+    # the same solver settings (tau, commit pass, ...), first-frame chunks, no video-aware guess
+    shallow_opts = replace(opts, later_block=opts.first_block, video_aware=False, guidance=0.0)
     stats = SolverStats()
     for i in reversed(range(len(model.blocks) - 1)):
         if model.reverses(i):
