@@ -188,3 +188,15 @@ def test_cached_parameters_follow_updates_and_conversions(megatron_ready):
             p.add_(_rand(*p.shape, seed=9) * 0.1)
         fast, slow = _both(stack, _rand(1, layout.total, 32), None, angles)
     assert fast.dtype == torch.float64 and (fast - slow).abs().max() < TOL
+
+
+def test_bfloat16_parameters(megatron_ready):
+    """bf16 parameters (inference in bf16): the real-valued RoPE rotation (complex bf16 does not
+    exist) with cos / sin of the bf16 angles, as megatron computes them."""
+    stack = _stack(megatron_ready).to(torch.bfloat16)
+    layout = SlotLayout(2, 2, 2, 2, with_time=True, pt_seq_len=4.0)
+    angles = layout.angles(16, 10000.0, 0.25)
+    with torch.no_grad():
+        fast, slow = _both(stack, _rand(2, layout.total, 32, seed=10).to(torch.bfloat16), None, angles)
+    assert fast.dtype == torch.bfloat16
+    assert (fast.float() - slow.float()).abs().max() < 0.05 * slow.float().abs().max()

@@ -93,3 +93,22 @@ def test_equal_output_search(tmp_path, megatron_ready):
         assert ladder[-1]["seconds_per_deep_token_eval"] > 0
     best = res["best"]
     assert best["speedup_vs_sequential"] == pytest.approx(res["sequential_seconds"] / best["seconds"])
+
+
+def test_regression_benchmark_runs(tmp_path, megatron_ready):
+    """benchmarks/regression.py: JSON figures per row (times, fast-vs-megatron ratio, work counts,
+    accuracy), and the comparison with a baseline file (numbers, no verdict)."""
+    from helpers_scripts import load_script
+
+    regression = load_script("benchmarks/regression.py")
+    out = tmp_path / "r.json"
+    args = ["--models", "tiny", "--rows", "denoiser,jacobi", "--repeats", "1", "--out", str(out)]
+    first = regression.main(args)
+    rows = first["models"][0]["rows"]
+    assert set(rows) == {"denoiser", "jacobi"}
+    for row in rows.values():
+        assert row["cpu_s"] > 0 and row["megatron_path_cpu_s"] > 0 and row["fast_vs_megatron"] > 0
+    assert rows["jacobi"]["work"]["deep_passes"] > 0 and rows["jacobi"]["max_abs_vs_sequential"] < 1.0
+    again = regression.main(args[:-2] + ["--baseline", str(out)])
+    cmp = again["vs_baseline"]["tiny/jacobi"]
+    assert cmp["work_changed"] is False and cmp["cpu_time_vs_baseline"] > 0
