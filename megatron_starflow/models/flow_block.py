@@ -112,7 +112,7 @@ class FlowBlock(nn.Module):
     def inverse_sequential(self, z: torch.Tensor, layout: SlotLayout,
                            text: torch.Tensor | None = None) -> torch.Tensor:
         """Exact inverse, one token at a time with a KV cache: z ``[B, N, C]`` -> x."""
-        cache = KVCache()
+        cache = KVCache(capacity=layout.total)
         if layout.text_len:
             self.prefill_text(text, layout, cache)
         x = torch.zeros_like(z)

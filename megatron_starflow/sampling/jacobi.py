@@ -92,7 +92,7 @@ class BlockInverter:
                  name: str = "flow block"):
         self.block, self.layout, self.opts, self.name = block, layout, opts, name
         self.guided = opts.guidance != 0 and uncond_text is not None
-        self.cache = KVCache()
+        self.cache = KVCache(capacity=layout.total)  # preallocated: written in place
         self.stats = SolverStats()
         if layout.text_len:
             both = torch.cat([text, uncond_text]) if self.guided else text
