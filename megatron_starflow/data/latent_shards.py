@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from megatron_starflow.config import Config, ConfigError
-from megatron_starflow.data.bad_data import BadDataLog, BadSample
+from megatron_starflow.data.bad_data import BadDataLog
 from megatron_starflow.data.shards import read_manifests, read_shards
+from megatron_starflow.data.video import HeldoutSamples, VideoClipIterator, clip_spec
 
 NULL_TEXT = "null_text.npy"
 
@@ -100,35 +100,19 @@ def latent_shard_info(cfg: Config, spec: str, key: str = "data.shards") -> Laten
     return info
 
 
-class LatentShardDataset(Dataset):
-    """Map-style, deterministic (shard order) samples of latent shards for evaluation: ``latent``
-    ``[T', H', W', C]``, ``text`` ``[L, width]``, ``caption``; bad samples are dropped when the
-    data set is read on first access."""
+class LatentShardDataset(HeldoutSamples):
+    """Samples of latent shards for evaluation (shard order): ``latent`` ``[T', H', W', C]``,
+    ``text`` ``[L, width]``, ``caption``."""
 
     def __init__(self, cfg: Config, shards: str, limit: int):
-        from megatron_starflow.data.video import VideoClipIterator, clip_spec
-
         self.info = latent_shard_info(cfg, shards, key="data.heldout_shards")
         records, _ = read_shards(shards)
-        self._it = VideoClipIterator(records, clip_spec(cfg, train=False), shuffle=False,
-                                     bad_log=BadDataLog(max_bad_fraction=1.0), mode="latents",
-                                     latent_shape=self.info.latent_shape,
-                                     text_shape=self.info.text_shape)
-        self.limit = int(limit)
-        self._items: list | None = None
+        super().__init__(VideoClipIterator(records, clip_spec(cfg, train=False), shuffle=False,
+                                           bad_log=BadDataLog(max_bad_fraction=1.0), mode="latents",
+                                           latent_shape=self.info.latent_shape,
+                                           text_shape=self.info.text_shape), limit)
 
-    def _load(self) -> list:
-        if self._items is None:
-            n = min(self.limit, len(self._it.records))
-            decoded = self._it.decode([(i, i) for i in range(n)])
-            self._items = [(res, rec) for _, rec, res in decoded if not isinstance(res, BadSample)]
-        return self._items
-
-    def __len__(self) -> int:
-        return len(self._load())
-
-    def __getitem__(self, index: int) -> dict:
-        res, rec = self._load()[index]
-        return {"latent": torch.from_numpy(res["latent"]).float(),
-                "text": torch.from_numpy(res["text"]).float(), "caption": rec.caption,
-                "attrs": dict(rec.meta.get("attributes", {})), "index": index}
+    def item(self, result, record, index: int) -> dict:
+        return {"latent": torch.from_numpy(result["latent"]).float(),
+                "text": torch.from_numpy(result["text"]).float(), "caption": record.caption,
+                "attrs": dict(record.meta.get("attributes", {})), "index": index}

@@ -7,11 +7,10 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from megatron_starflow.data.bad_data import BadDataLog, BadSample
+from megatron_starflow.data.bad_data import BadDataLog
 from megatron_starflow.data.shards import read_shards
-from megatron_starflow.data.video import VideoClipIterator, clip_spec
+from megatron_starflow.data.video import HeldoutSamples, VideoClipIterator, clip_spec
 
 
 def build_train_iterator(cfg, run_dir: str, dp_rank: int = 0, dp_size: int = 1,
@@ -38,31 +37,18 @@ def build_train_iterator(cfg, run_dir: str, dp_rank: int = 0, dp_size: int = 1,
     return it
 
 
-class ShardClipDataset(Dataset):
-    """Map-style, deterministic (first frames, centre crop) clips of shards, for evaluation; bad
-    samples are dropped when the data set is built lazily on first access."""
+class ShardClipDataset(HeldoutSamples):
+    """Clips of shards for evaluation (first frames, centre crop)."""
 
     def __init__(self, cfg, shards: str, limit: int):
         records, _ = read_shards(shards)
-        self._it = VideoClipIterator(records, clip_spec(cfg, train=False), cfg.data.video_backend,
-                                     shuffle=False, bad_log=BadDataLog(max_bad_fraction=1.0))
-        self.limit = int(limit)
-        self._items: list | None = None
+        super().__init__(VideoClipIterator(records, clip_spec(cfg, train=False), cfg.data.video_backend,
+                                           shuffle=False, bad_log=BadDataLog(max_bad_fraction=1.0)),
+                         limit)
 
-    def _load(self) -> list:
-        if self._items is None:
-            n = min(self.limit, len(self._it.records))
-            decoded = self._it.decode([(i, i) for i in range(n)])
-            self._items = [(clip, rec) for _, rec, clip in decoded if not isinstance(clip, BadSample)]
-        return self._items
-
-    def __len__(self) -> int:
-        return len(self._load())
-
-    def __getitem__(self, index: int) -> dict:
-        clip, rec = self._load()[index]
-        return {"video": torch.from_numpy(np.ascontiguousarray(clip)), "caption": rec.caption,
-                "attrs": dict(rec.meta.get("attributes", {})), "index": index}
+    def item(self, clip, record, index: int) -> dict:
+        return {"video": torch.from_numpy(np.ascontiguousarray(clip)), "caption": record.caption,
+                "attrs": dict(record.meta.get("attributes", {})), "index": index}
 
 
 def shard_captions(shards: str) -> list[str]:

@@ -827,3 +827,30 @@ def records_from_tar(path: str) -> list[VideoRecord]:
                 kind, loc = ("video", members[video[0]]) if video else ("missing", (-1, -1))
             records.append(VideoRecord(key, path, caption, kind, loc[0], loc[1], meta))
     return records
+
+
+class HeldoutSamples:
+    """Map-style, deterministic samples of an unshuffled ``VideoClipIterator`` for evaluation: the
+    first ``limit`` records, decoded on first access, bad ones dropped. ``item(result, record,
+    index)`` turns one decoded sample into the data set's dict."""
+
+    def __init__(self, iterator: "VideoClipIterator", limit: int):
+        self._it, self.limit = iterator, int(limit)
+        self._items: list | None = None
+
+    def _load(self) -> list:
+        if self._items is None:
+            n = min(self.limit, len(self._it.records))
+            decoded = self._it.decode([(i, i) for i in range(n)])
+            self._items = [(res, rec) for _, rec, res in decoded if not isinstance(res, BadSample)]
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __getitem__(self, index: int) -> dict:
+        res, rec = self._load()[index]
+        return self.item(res, rec, index)
+
+    def item(self, result, record, index: int) -> dict:  # pragma: no cover - overridden
+        raise NotImplementedError
