@@ -223,6 +223,7 @@ def run_model(name: str, theirs: str, rows, repeats: int, block: int, tau: float
         g_ours = ours.deep_block.proj_in.weight.grad
         g_theirs = theirs_model.blocks[deep].proj_in.weight.grad
         check = {"max_abs_z": (hwc(z_t) - flow.z).abs().max().item(),
+                 "max_z_value": flow.z.abs().max().item(),
                  "max_abs_loss": abs(loss_t.item() - flow.nll_per_dim().mean().item()),
                  "max_rel_grad_deep_proj_in": ((g_ours - g_theirs).abs().max() / g_theirs.abs().max()).item()}
 
@@ -250,7 +251,8 @@ def run_model(name: str, theirs: str, rows, repeats: int, block: int, tau: float
         with torch.no_grad():
             s = ours.denoise_score(noisy, text)
             d = hwc(theirs_model(chw(noisy), text, denoiser=True))
-            check = {"max_abs_their_D_plus_our_s": (d + s).abs().max().item()}
+            check = {"max_abs_their_D_plus_our_s": (d + s).abs().max().item(),
+                     "max_s_value": s.abs().max().item()}
             res = interleaved(lambda: ours.denoise_score(noisy, text),
                               lambda: theirs_model(chw(noisy), text, denoiser=True), repeats)
         out["rows"]["denoiser"] = {"batch": b, "check": check, **res}
@@ -304,7 +306,8 @@ def run_model(name: str, theirs: str, rows, repeats: int, block: int, tau: float
             check = {"ours_max_abs_vs_own_sequential": (mine - seq_o).abs().max().item(),
                      "theirs_max_abs_vs_own_sequential": (yours - seq_t).abs().max().item(),
                      "max_abs_ours_vs_theirs": (mine - yours).abs().max().item(),
-                     "sequential_ours_vs_theirs": (seq_o - seq_t).abs().max().item()}
+                     "sequential_ours_vs_theirs": (seq_o - seq_t).abs().max().item(),
+                     "max_token_value": seq_o.abs().max().item()}
             work = {"ours": {"deep_passes": deep.network_evals, "deep_tokens": deep.token_evals,
                              "shallow_passes": shallow.network_evals,
                              "shallow_tokens": shallow.token_evals},
