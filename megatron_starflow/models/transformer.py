@@ -19,6 +19,12 @@ arbitrary boolean mask, which runs on CPU and GPU, and which can read and extend
 cache lives here (and not in megatron's inference context) because inverting a flow needs two
 kinds of cached step: a sequential step that commits its keys, and Jacobi iterations that attend
 to the cache without committing until the block has converged.
+
+A stack built with the local spec and run without TP, SP, FP8 or autocast takes a fast path
+(``TransformerStack._fast_forward``): the same layers computed directly from their parameters,
+with fewer operations per layer (fused bias linears, one complex RoPE multiply from a per-layout
+table, one mask per call). Megatron's block stays the path for everything else; tests keep the two
+equal in float64 (tests/test_fast_path.py).
 """
 
 from __future__ import annotations
