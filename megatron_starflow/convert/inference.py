@@ -47,6 +47,18 @@ def parse_size(text: str | int | None) -> int | None:
     return size or None
 
 
+def temp_sibling(out_dir: str) -> str:
+    """An empty temporary folder beside ``out_dir`` (same file system): an export is written
+    there and renamed to ``out_dir`` when complete, so nothing half-written is ever read."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp_{os.path.basename(out_dir)}_{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
 def is_inference_folder(path: str) -> bool:
     return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
             and (os.path.isfile(os.path.join(path, SINGLE)) or os.path.isfile(os.path.join(path, INDEX))))
@@ -68,11 +80,7 @@ def save_inference_folder(out_dir: str, cfg: Config, tensors: dict[str, torch.Te
     target = DTYPES[dtype]
     limit = parse_size(max_shard_size)
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp_{os.path.basename(out_dir)}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = temp_sibling(out_dir)
     prepared = {}
     for name, t in tensors.items():
         if not torch.is_tensor(t):

@@ -395,12 +395,10 @@ def write_export(out_dir: str, their_state: dict, args, warnings: list[str], not
                  source: str = "") -> list[str]:
     """Write model.pth, config.yaml and export_notes.txt into a temporary sibling folder, then
     rename it to ``out_dir`` (an existing folder there is replaced)."""
+    from megatron_starflow.convert.inference import temp_sibling
+
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp_{os.path.basename(out_dir)}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = temp_sibling(out_dir)
     try:
         torch.save(their_state, os.path.join(tmp, WEIGHTS))
         write_their_yaml(args, os.path.join(tmp, YAML_NAME))
