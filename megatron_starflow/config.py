@@ -83,6 +83,10 @@ class TextConfig:
     template: str = "{caption}"  # the reference: "Noise Level {noise}:\nA video with {fps} fps:\n{caption}\n"
 
 
+# The synthetic renderer's largest half-extent is 0.22 of the frame side: 2.27x still fits.
+OBJECT_SCALE_MAX = 0.5 / 0.22
+
+
 @dataclass
 class DataConfig:
     # synthetic (in-memory clips) | shards (tar shards of video files / pre-decoded clips) |
@@ -95,6 +99,9 @@ class DataConfig:
     fps: int = 16
     num_train_clips: int = 2048
     num_heldout_clips: int = 64
+    # source=synthetic: every object's size times this (captions unchanged; at most
+    # OBJECT_SCALE_MAX so the largest shape still fits the frame); 1.0 = the original task
+    object_scale: float = 1.0
     batch_size: int = 8
     codec: str = "s2d"  # s2d (lossless space-to-depth) | wan (Wan 3-D causal VAE)
     codec_path: str = ""  # wan: local diffusers folder
@@ -461,6 +468,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"text.caption_dropout must be in [0, 1), got {t.caption_dropout}")
     if d.codec not in ("s2d", "wan"):
         raise ConfigError(f"data.codec={d.codec!r}; valid: s2d, wan")
+    if not 0.0 < d.object_scale <= OBJECT_SCALE_MAX:
+        raise ConfigError(f"data.object_scale must be in (0, {OBJECT_SCALE_MAX:.3g}] (the largest "
+                          f"shape must fit the frame), got {d.object_scale}")
     if d.codec == "wan" and (d.frames - 1) % 4:
         raise ConfigError(f"data.frames={d.frames}: the Wan VAE makes 4k+1 frames (1, 5, 9, ..., "
                           f"17, 81); choose one of those")

@@ -230,6 +230,17 @@ CASES = [
     ("sweep-sizes", "tools/scaling_sweep.py", ["--out", "{tmp}/sw", "--sizes", "0/32/1"], ["argument --sizes"]),
     ("sweep-threads", "tools/scaling_sweep.py", ["--out", "{tmp}/sw", "--threads", "-1"], ["argument --threads"]),
     ("sweep-out-file", "tools/scaling_sweep.py", ["--out", "{tmp}/afile"], ["--out", "is a file"]),
+    ("quality-steps", "tools/quality_sweep.py", ["--out", "{tmp}/q", "--recipe", "a:", "--steps", "0"],
+     ["argument --steps", ">= 1"]),
+    ("quality-recipe", "tools/quality_sweep.py", ["--out", "{tmp}/q", "--recipe", "a"],
+     ["argument --recipe", "NAME:key=value"]),
+    ("quality-temperature", "tools/quality_sweep.py", ["--out", "{tmp}/q", "--recipe", "a:",
+                                                       "--temperature", "nan"], ["argument --temperature"]),
+    ("quality-out-file", "tools/quality_sweep.py", ["--out", "{tmp}/afile", "--recipe", "a:"],
+     ["--out", "is a file"]),
+    ("eval-temperature", "launch", EV + ["--suite", "cpu", "--temperature", "-1"],
+     ["argument --temperature", "[0, 4]"]),
+    ("sample-temperature", "launch", S + ["--temperature", "inf"], ["argument --temperature", "finite"]),
 ]
 
 

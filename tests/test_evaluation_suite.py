@@ -86,33 +86,35 @@ class _TruthSystem:
     """Stands in for a model whose samples are perfect: ``generate`` of a held-out caption renders
     that caption's ground-truth clip (8 frames of 16x16, where the analyser reads >= 95 %)."""
 
-    def __init__(self, samples: int):
+    def __init__(self, samples: int, object_scale: float = 1.0):
         from types import SimpleNamespace
 
         from megatron_starflow.evaluation.adherence import heldout_cases
 
-        self.cfg = SimpleNamespace(data=SimpleNamespace(frames=8, height=16, width=16))
+        self.cfg = SimpleNamespace(data=SimpleNamespace(frames=8, height=16, width=16,
+                                                        object_scale=object_scale))
         self.index = {}  # caption -> its held-out indices (a caption can repeat), used in order
         for i, (caption, _) in enumerate(heldout_cases(samples)):
             self.index.setdefault(caption, []).append(i)
 
-    def generate(self, system, captions, frames=None, seed=0, opts=None, prefix_video=None):
+    def generate(self, system, captions, frames=None, seed=0, opts=None, prefix_video=None,
+                 temperature=1.0):
         from types import SimpleNamespace
 
         from megatron_starflow.evaluation.adherence import ground_truth
 
         d = self.cfg.data
-        video = np.stack([ground_truth(self.index[c].pop(0), d.frames, d.height, d.width)
+        video = np.stack([ground_truth(self.index[c].pop(0), d.frames, d.height, d.width, d.object_scale)
                           for c in captions])
         return SimpleNamespace(video=torch.from_numpy(video), seconds={"total": 0.0})
 
 
-def _check_adherence_of_truth(monkeypatch, samples: int = 12) -> dict:
+def _check_adherence_of_truth(monkeypatch, samples: int = 12, object_scale: float = 1.0) -> dict:
     """With perfect samples the adherence report must equal the analyser's ceiling (the same
     clips scored against the same captions), attribute by attribute, and be far above chance."""
     from megatron_starflow.evaluation import adherence
 
-    system = _TruthSystem(samples)
+    system = _TruthSystem(samples, object_scale)
     monkeypatch.setattr(adherence, "generate", system.generate)
     rep, videos, rows = adherence.t2v_adherence(system, samples, guidance=0.0, batch_size=5)
     assert videos.shape == (samples, 8, 16, 16, 3)
@@ -124,6 +126,12 @@ def _check_adherence_of_truth(monkeypatch, samples: int = 12) -> dict:
 
 def test_adherence_of_ground_truth_samples_is_the_analyser_ceiling(monkeypatch):
     _check_adherence_of_truth(monkeypatch)
+
+
+def test_adherence_ceiling_with_larger_objects(monkeypatch):
+    """data.object_scale reaches both the ground truth and the analyser of the report."""
+    rep = _check_adherence_of_truth(monkeypatch, object_scale=1.6)
+    assert rep["accuracy"]["shape"] >= 0.95
 
 
 def test_adherence_check_rejects_shuffled_captions(monkeypatch):

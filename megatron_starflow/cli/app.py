@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"suite: guidance weight w in [0, {checks.GUIDANCE_MAX:g}]")
     ev.add_argument("--seed", type=checks.SEED, default=0,
                     help="suite: sampling seed in [0, 2^63 - 1]")
+    ev.add_argument("--temperature", type=checks.TEMPERATURE, default=1.0,
+                    help="suite: scale of the prior noise z in [0, 4] (1: the model's distribution)")
+    ev.add_argument("--solver", choices=["sequential", "jacobi"], default="jacobi",
+                    help="suite: sampler (jacobi: video-aware, tau 1e-3; sequential: exact)")
     ev.add_argument("--threads", type=checks.integer(0), default=0,
                     help="suite: torch threads (0: torch's default)")
     ev.add_argument("--out", help="suite: report JSON (default RUN/eval/cpu_suite_STEP.json)")
@@ -64,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--cfg", type=checks.GUIDANCE, default=0.0,
                     help=f"guidance weight w in [0, {checks.GUIDANCE_MAX:g}] (0: none)")
     sa.add_argument("--seed", type=checks.SEED, default=0, help="in [0, 2^63 - 1]")
+    sa.add_argument("--temperature", type=checks.TEMPERATURE, default=1.0,
+                    help="scale of the prior noise z in [0, 4]: 1 samples the model's distribution, "
+                         "lower values trade diversity for cleaner samples")
     sa.add_argument("--solver", choices=["sequential", "jacobi"], default="jacobi")
     sa.add_argument("--block-size", type=checks.integer(1), nargs="+", default=[16, 64],
                     help="Jacobi chunk sizes (>= 1): first frame [, later frames]")

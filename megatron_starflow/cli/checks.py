@@ -89,6 +89,7 @@ def real(lo: float | None = None, hi: float | None = None, lo_open: bool = False
 SEED = integer(0, SEED_MAX)
 GUIDANCE = real(0.0, GUIDANCE_MAX)
 TAU = real(0.0, 1.0)  # Jacobi stop rule: relative squared change per iteration
+TEMPERATURE = real(0.0, 4.0)  # scale of the prior noise z (1: the model's own distribution)
 
 
 def input_file(text: str) -> str:

@@ -26,6 +26,6 @@ def cmd_sample(args) -> int:
     opts = SolverOptions(solver=args.solver, first_block=args.block_size[0],
                          later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)
     out = generate(system, prompts, args.frames, args.seed, opts, prefix,
-                   context_frames=args.long_context)
+                   context_frames=args.long_context, temperature=args.temperature)
     print(json.dumps(write_samples(args, out, system.cfg.data.fps, step, prompts, args.solver)))
     return 0

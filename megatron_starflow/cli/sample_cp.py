@@ -44,7 +44,8 @@ def sample_worker(args) -> None:
         raise ValueError(f"--cp {args.cp} but the launcher started {dist.get_world_size()} processes")
     opts = SolverOptions(solver="jacobi", first_block=args.block_size[0],
                          later_block=args.block_size[-1], tau=args.tau, guidance=args.cfg)
-    out = cp_generate(system, prompts, args.frames, args.seed, opts, prefix)
+    out = cp_generate(system, prompts, args.frames, args.seed, opts, prefix,
+                      temperature=args.temperature)
     if dist.get_rank() == 0:
         record = write_samples(args, out, system.cfg.data.fps, step, prompts, "jacobi")
         record.update({"cp": args.cp, "cp_frames": out.ranges, "cp_summary": rank_summary(out.ranks),

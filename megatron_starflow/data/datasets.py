@@ -23,7 +23,8 @@ def make_datasets(cfg: Config) -> Datasets:
     from megatron_starflow.data.synthetic import SyntheticCaptionedVideos
 
     d = cfg.data
-    heldout = SyntheticCaptionedVideos("heldout", d.num_heldout_clips, d.frames, d.height, d.width)
+    heldout = SyntheticCaptionedVideos("heldout", d.num_heldout_clips, d.frames, d.height, d.width,
+                                       object_scale=d.object_scale)
     if d.source == "shards" and d.heldout_shards:
         from megatron_starflow.data.loader import ShardClipDataset
 
@@ -33,6 +34,7 @@ def make_datasets(cfg: Config) -> Datasets:
 
         heldout = LatentShardDataset(cfg, d.heldout_shards, d.num_heldout_clips)
     return Datasets(
-        SyntheticCaptionedVideos("train", d.num_train_clips, d.frames, d.height, d.width),
+        SyntheticCaptionedVideos("train", d.num_train_clips, d.frames, d.height, d.width,
+                                 object_scale=d.object_scale),
         heldout,
     )

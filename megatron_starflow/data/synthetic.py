@@ -166,8 +166,20 @@ def attributes_for(index: int, split: str) -> ClipAttributes:
     return sample_attributes(rng)
 
 
-def make_clip(index: int, split: str, frames: int, height: int, width: int) -> tuple[np.ndarray, str, dict]:
-    attrs = attributes_for(index, split)
+def scaled(attrs: ClipAttributes, object_scale: float) -> ClipAttributes:
+    """The same clip with the object's size multiplied by ``object_scale`` (caption, colours,
+    direction and relative path unchanged): a knob for how many pixels a shape gets."""
+    return attrs if object_scale == 1.0 else dataclasses.replace(attrs, size=attrs.size * object_scale)
+
+
+def size_range(object_scale: float = 1.0) -> tuple[float, float]:
+    """Range of ``ClipAttributes.size`` (half-extent / min(H, W)) the renderer makes at a scale."""
+    return SIZE_RANGE[0] * object_scale, SIZE_RANGE[1] * object_scale
+
+
+def make_clip(index: int, split: str, frames: int, height: int, width: int,
+              object_scale: float = 1.0) -> tuple[np.ndarray, str, dict]:
+    attrs = scaled(attributes_for(index, split), object_scale)
     return render_clip(attrs, frames, height, width), caption_for(attrs), attrs.to_dict()
 
 
@@ -183,8 +195,10 @@ class SyntheticCaptionedVideos(Dataset):
     worker keeps its own cache, which is fine since rendering is deterministic).
     """
 
-    def __init__(self, split: str, num_clips: int, frames: int, height: int, width: int, cache: bool = True):
+    def __init__(self, split: str, num_clips: int, frames: int, height: int, width: int, cache: bool = True,
+                 object_scale: float = 1.0):
         self.split, self.num_clips = split, int(num_clips)
+        self.object_scale = float(object_scale)
         self.frames, self.height, self.width = int(frames), int(height), int(width)
         self.cache = cache
         self._cache: dict[int, tuple[np.ndarray, str, dict]] = {}
@@ -197,7 +211,7 @@ class SyntheticCaptionedVideos(Dataset):
             raise IndexError(f"index {index} out of range for {self.num_clips} clips")
         item = self._cache.get(index)
         if item is None:
-            item = make_clip(index, self.split, self.frames, self.height, self.width)
+            item = make_clip(index, self.split, self.frames, self.height, self.width, self.object_scale)
             if self.cache:
                 self._cache[index] = item
         video, caption, attrs = item

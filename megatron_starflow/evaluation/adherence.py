@@ -19,8 +19,8 @@ import math
 import numpy as np
 import torch
 
-from megatron_starflow.data.synthetic import attributes_for, caption_for, render_clip
-from megatron_starflow.evaluation.analyser import ATTRIBUTES, CHANCE, accuracy, analyse_clip, score
+from megatron_starflow.data.synthetic import attributes_for, caption_for, render_clip, scaled
+from megatron_starflow.evaluation.analyser import ATTRIBUTES, CHANCE, ClipAnalysis, accuracy, analyse_clip, score
 from megatron_starflow.evaluation.temporal import finite_or_none, frame_psnr, temporal_summary
 from megatron_starflow.sampling.generate import generate
 from megatron_starflow.sampling.jacobi import SolverOptions
@@ -37,16 +37,23 @@ def heldout_cases(n: int, start: int = 0) -> list[tuple[str, dict]]:
     return out
 
 
-def ground_truth(index: int, frames: int, height: int, width: int) -> np.ndarray:
-    return render_clip(attributes_for(index, SPLIT), frames, height, width)
+def ground_truth(index: int, frames: int, height: int, width: int, object_scale: float = 1.0) -> np.ndarray:
+    return render_clip(scaled(attributes_for(index, SPLIT), object_scale), frames, height, width)
 
 
-def _generate_batched(system, captions, batch_size, seed, opts, frames=None, prefix=None):
+def _analyse(system, video) -> ClipAnalysis:
+    """The analyser, told the object sizes the model was trained on."""
+    return analyse_clip(video, object_scale=system.cfg.data.object_scale)
+
+
+def _generate_batched(system, captions, batch_size, seed, opts, frames=None, prefix=None,
+                      temperature: float = 1.0):
     videos, seconds = [], 0.0
     for k, start in enumerate(range(0, len(captions), batch_size)):
         chunk = captions[start:start + batch_size]
         pre = None if prefix is None else prefix[start:start + batch_size]
-        out = generate(system, chunk, frames=frames, seed=seed + k, opts=opts, prefix_video=pre)
+        out = generate(system, chunk, frames=frames, seed=seed + k, opts=opts, prefix_video=pre,
+                       temperature=temperature)
         videos.append(out.video.numpy())
         seconds += out.seconds.get("total", 0.0)
     return np.concatenate(videos), seconds
@@ -57,13 +64,15 @@ def _options(guidance: float, solver: str = "jacobi") -> SolverOptions:
 
 
 def t2v_adherence(system, samples: int, guidance: float, seed: int = 0, batch_size: int = 16,
-                  solver: str = "jacobi") -> tuple[dict, np.ndarray, list[dict]]:
-    """-> (report, videos uint8 [N, T, H, W, 3], per-sample rows)."""
+                  solver: str = "jacobi", temperature: float = 1.0) -> tuple[dict, np.ndarray, list[dict]]:
+    """-> (report, videos uint8 [N, T, H, W, 3], per-sample rows). ``temperature`` scales the
+    prior noise z (1: the model's own distribution; below 1 trades diversity for fidelity)."""
     d = system.cfg.data
     cases = heldout_cases(samples)
     captions = [c for c, _ in cases]
-    videos, seconds = _generate_batched(system, captions, batch_size, seed, _options(guidance, solver))
-    analyses = [analyse_clip(v) for v in videos]
+    videos, seconds = _generate_batched(system, captions, batch_size, seed, _options(guidance, solver),
+                                        temperature=temperature)
+    analyses = [_analyse(system, v) for v in videos]
     rows, sample_rows = [], []
     for (caption, truth), a in zip(cases, analyses):
         right = score(a, truth)
@@ -71,12 +80,13 @@ def t2v_adherence(system, samples: int, guidance: float, seed: int = 0, batch_si
         sample_rows.append({"caption": caption, "read": a.attributes(), "valid": a.valid,
                             "right": {k: bool(v) for k, v in right.items()}})
     # The same captions' ground-truth clips through the same analyser: the ceiling / reference.
-    gt = [analyse_clip(ground_truth(i, d.frames, d.height, d.width)) for i in range(samples)]
+    gt = [_analyse(system, ground_truth(i, d.frames, d.height, d.width, d.object_scale))
+          for i in range(samples)]
     gt_rows = [score(a, truth) for a, (_, truth) in zip(gt, cases)]
     side = min(d.height, d.width)
     report = {
         "samples": samples, "guidance": guidance, "solver": solver, "seed": seed,
-        "generation_seconds": round(seconds, 2),
+        "temperature": temperature, "generation_seconds": round(seconds, 2),
         "accuracy": {k: round(v["accuracy"], 4) for k, v in accuracy(rows).items()},
         "chance": {k: round(v, 5) for k, v in CHANCE.items()},
         "analyser_accuracy_on_ground_truth": {k: round(v["accuracy"], 4)
@@ -89,33 +99,36 @@ def t2v_adherence(system, samples: int, guidance: float, seed: int = 0, batch_si
 
 
 def continuation(system, clips: int, given: int, guidance: float, seed: int = 100,
-                 batch_size: int = 16, solver: str = "jacobi") -> tuple[dict, np.ndarray, np.ndarray]:
+                 batch_size: int = 16, solver: str = "jacobi",
+                 temperature: float = 1.0) -> tuple[dict, np.ndarray, np.ndarray]:
     """I2V (``given`` = 1) or V2V: -> (report, generated [N, T, ...], ground truth [N, T, ...])."""
     d = system.cfg.data
     if not 0 < given < d.frames:
         raise ValueError(f"given frames {given} must be between 1 and {d.frames - 1}")
     cases = heldout_cases(clips)
-    truth = np.stack([ground_truth(i, d.frames, d.height, d.width) for i in range(clips)])
+    truth = np.stack([ground_truth(i, d.frames, d.height, d.width, d.object_scale) for i in range(clips)])
     prefix = torch.from_numpy(truth[:, :given].copy())
     videos, seconds = _generate_batched(system, [c for c, _ in cases], batch_size, seed,
-                                        _options(guidance, solver), prefix=prefix)
+                                        _options(guidance, solver), prefix=prefix,
+                                        temperature=temperature)
     next_psnr = [frame_psnr(v[given], t[given]) for v, t in zip(videos, truth)]
     rest_psnr = [frame_psnr(v[given:], t[given:]) for v, t in zip(videos, truth)]
     copy_psnr = [frame_psnr(t[given - 1], t[given]) for t in truth]
     direction_right, speed_ratio, attrs_right, present = [], [], {a: [] for a in ATTRIBUTES}, []
     for v, t, (_, attrs) in zip(videos, truth, cases):
-        part = analyse_clip(v[given - 1:])  # the last given frame anchors the continued motion
+        part = _analyse(system, v[given - 1:])  # the last given frame anchors the continued motion
         present.append(float(part.present[1:].mean()))
         direction_right.append(part.direction == attrs["direction"])
-        true_part = analyse_clip(t[given - 1:])
+        true_part = _analyse(system, t[given - 1:])
         true_speed = math.hypot(*true_part.velocity)
         if part.present.sum() >= 2 and true_speed > 0:
             speed_ratio.append(math.hypot(*part.velocity) / true_speed)
-        whole = score(analyse_clip(v), attrs)
+        whole = score(_analyse(system, v), attrs)
         for a in ATTRIBUTES:
             attrs_right[a].append(bool(whole[a]))
     report = {
         "clips": clips, "given_frames": given, "guidance": guidance, "seed": seed,
+        "temperature": temperature,
         "generation_seconds": round(seconds, 2),
         "next_frame_psnr_db": _mean_finite(next_psnr),
         "generated_frames_psnr_db": _mean_finite(rest_psnr),
@@ -130,7 +143,8 @@ def continuation(system, clips: int, given: int, guidance: float, seed: int = 10
 
 
 def long_video_drift(system, samples: int, factor: float, guidance: float, seed: int = 200,
-                     batch_size: int = 16, solver: str = "jacobi") -> tuple[dict, np.ndarray]:
+                     batch_size: int = 16, solver: str = "jacobi",
+                     temperature: float = 1.0) -> tuple[dict, np.ndarray]:
     """T2V of ``factor`` x the training length; figures within vs beyond the training length."""
     d = system.cfg.data
     k = system.codec.temporal_factor
@@ -139,12 +153,13 @@ def long_video_drift(system, samples: int, factor: float, guidance: float, seed:
         raise ValueError(f"long-video factor {factor} gives {frames} frames, not beyond {d.frames}")
     cases = heldout_cases(samples)
     videos, seconds = _generate_batched(system, [c for c, _ in cases], batch_size, seed,
-                                        _options(guidance, solver), frames=frames)
+                                        _options(guidance, solver), frames=frames,
+                                        temperature=temperature)
     parts = {"within_training_length": slice(0, d.frames), "beyond_training_length": slice(d.frames, frames)}
     report = {"samples": samples, "frames": frames, "training_frames": d.frames, "guidance": guidance,
-              "seed": seed, "generation_seconds": round(seconds, 2)}
+              "seed": seed, "temperature": temperature, "generation_seconds": round(seconds, 2)}
     for name, span in parts.items():
-        analyses = [analyse_clip(v[span]) for v in videos]
+        analyses = [_analyse(system, v[span]) for v in videos]
         agree = {}
         for a in ("color", "background", "shape"):
             agree[a] = round(float(np.mean([getattr(x, a) == truth[a] for x, (_, truth) in
@@ -158,7 +173,7 @@ def long_video_drift(system, samples: int, factor: float, guidance: float, seed:
     # Drift of the object's colour between the two parts, per clip (RGB distance, 0..441).
     drift = []
     for v in videos:
-        a, b = analyse_clip(v[:d.frames]), analyse_clip(v[d.frames:])
+        a, b = _analyse(system, v[:d.frames]), _analyse(system, v[d.frames:])
         if a.object_rgb and b.object_rgb:
             drift.append(float(np.linalg.norm(np.subtract(a.object_rgb, b.object_rgb))))
     report["object_rgb_drift"] = _mean_finite(drift)

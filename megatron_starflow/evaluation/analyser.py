@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_starflow.data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, SIZE_RANGE, shape_mask
+from megatron_starflow.data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, shape_mask, size_range
 
 ATTRIBUTES = ("shape", "color", "direction", "background")
 CHOICES = {"shape": SHAPES, "color": tuple(COLORS), "direction": DIRECTIONS,
@@ -41,9 +41,6 @@ _BG_RGB = np.array(list(BACKGROUNDS.values()), dtype=np.float64)
 # Half of the closest object-colour / background pair (green vs darkgreen, ~166): a pixel this far
 # from the background cannot be a noisy background pixel of a rendered clip.
 MIN_OBJECT_DISTANCE = 0.5 * float(np.min(np.linalg.norm(_COLOR_RGB[:, None] - _BG_RGB[None], axis=-1)))
-# Smallest / largest object areas the renderer makes, as fractions of min(H, W)^2.
-_MIN_AREA_FRAC = 2.0 * SIZE_RANGE[0] ** 2  # triangle / diamond of the smallest size: 2 r^2
-_MAX_AREA_FRAC = (2.0 * SIZE_RANGE[1]) ** 2  # the largest bounding box
 _CENTER_OFFSETS = np.linspace(-0.75, 0.75, 7)
 _N_RADII = 25
 _BETA = 40.0  # per-frame likelihood exp(-BETA (1 - IoU)): one wrong pixel of 25 costs a factor 5
@@ -145,7 +142,8 @@ def _logmeanexp(x: np.ndarray, axis) -> np.ndarray:
     return np.squeeze(out, axis=axis)
 
 
-def _shape_log_evidence(kept: np.ndarray, frames: np.ndarray, side: int) -> dict[str, float]:
+def _shape_log_evidence(kept: np.ndarray, frames: np.ndarray, side: int,
+                        sizes: tuple[float, float]) -> dict[str, float]:
     """log p(masks | shape), up to a shared constant: the renderer's masks of each shape are
     compared with the object masks of ``frames`` under a likelihood exp(-BETA (1 - IoU)) and the
     unknowns are averaged out (not maximised): ONE radius per clip, uniform over the renderer's
@@ -154,7 +152,7 @@ def _shape_log_evidence(kept: np.ndarray, frames: np.ndarray, side: int) -> dict
     one narrow radius at one alignment: the square explains it for most (radius, centre) pairs,
     the circle for few."""
     h, w = kept.shape[1:]
-    radii = np.linspace(SIZE_RANGE[0] * 0.9, SIZE_RANGE[1] * 1.1, _N_RADII) * side
+    radii = np.linspace(sizes[0] * 0.9, sizes[1] * 1.1, _N_RADII) * side
     m = 2  # window margin in pixels
     total = {s: np.zeros(len(radii)) for s in SHAPES}
     for i in frames:
@@ -179,8 +177,9 @@ def _shape_log_evidence(kept: np.ndarray, frames: np.ndarray, side: int) -> dict
     return {s: float(_logmeanexp(total[s], axis=0)) for s in SHAPES}
 
 
-def analyse_clip(video, min_present_fraction: float = 0.5) -> ClipAnalysis:
-    """uint8 video [T, H, W, 3] (numpy or torch) -> ClipAnalysis."""
+def analyse_clip(video, min_present_fraction: float = 0.5, object_scale: float = 1.0) -> ClipAnalysis:
+    """uint8 video [T, H, W, 3] (numpy or torch) -> ClipAnalysis. ``object_scale``: the renderer's
+    (``data.object_scale``), which sets the object sizes the analyser expects."""
     video = np.asarray(video.numpy() if hasattr(video, "numpy") else video)
     if video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"expected a uint8 clip [T, H, W, 3], got shape {video.shape}")
@@ -197,8 +196,10 @@ def analyse_clip(video, min_present_fraction: float = 0.5) -> ClipAnalysis:
 
     kept = largest_components(mask)
     areas = kept.sum(axis=(1, 2)).astype(np.float64)
-    min_area = max(2.0, 0.3 * _MIN_AREA_FRAC * side * side)
-    max_area = 3.0 * _MAX_AREA_FRAC * side * side
+    sizes = size_range(object_scale)
+    # smallest area: a triangle / diamond of the smallest size (2 r^2); largest: its bounding box
+    min_area = max(2.0, 0.3 * 2.0 * sizes[0] ** 2 * side * side)
+    max_area = 3.0 * (2.0 * sizes[1]) ** 2 * side * side
     present = (areas >= min_area) & (areas <= max_area)
     areas = np.where(present, areas, 0.0)
     centers = np.full((t, 2), np.nan)
@@ -220,7 +221,7 @@ def analyse_clip(video, min_present_fraction: float = 0.5) -> ClipAnalysis:
     frames = np.flatnonzero(present)
     if len(frames) > _MAX_SHAPE_FRAMES:  # evenly spaced frames are plenty
         frames = frames[np.linspace(0, len(frames) - 1, _MAX_SHAPE_FRAMES).round().astype(int)]
-    evidence = _shape_log_evidence(kept, frames, side)
+    evidence = _shape_log_evidence(kept, frames, side, sizes)
     top = max(evidence.values())
     weights = {s: math.exp(evidence[s] - top) for s in SHAPES}
     posterior = {s: weights[s] / sum(weights.values()) for s in SHAPES}

@@ -26,8 +26,9 @@ from megatron_starflow.evaluation.likelihood import evaluate, per_frame_bits_per
 def run_cpu_suite(system, samples: int = 16, guidance: float = 1.0, seed: int = 0,
                   batches: int = 8, condition_clips: int | None = None, long_samples: int | None = None,
                   long_factor: float = 2.0, denoiser_clips: int = 32, score_step: bool = True,
-                  solver: str = "jacobi") -> tuple[dict, dict]:
-    """-> (JSON-ready report, images for the page)."""
+                  solver: str = "jacobi", temperature: float = 1.0) -> tuple[dict, dict]:
+    """-> (JSON-ready report, images for the page). ``solver`` and ``temperature`` apply to every
+    generated clip (T2V, I2V / V2V continuations, long videos)."""
     from megatron_starflow.data.datasets import make_datasets
 
     cfg = system.cfg
@@ -47,7 +48,8 @@ def run_cpu_suite(system, samples: int = 16, guidance: float = 1.0, seed: int = 
     report["likelihood"].update(timed("per_frame", per_frame_bits_per_dim, system, heldout, batches, bs))
     report["denoiser"] = timed("denoiser", denoiser_quality, system, heldout, denoiser_clips, bs,
                                score_step=score_step)
-    t2v, videos, rows = timed("t2v", t2v_adherence, system, samples, guidance, seed, solver=solver)
+    t2v, videos, rows = timed("t2v", t2v_adherence, system, samples, guidance, seed, solver=solver,
+                                    temperature=temperature)
     t2v["per_sample"] = rows
     report["t2v"] = t2v
     images["t2v"], images["t2v_rows"] = videos, rows
@@ -58,12 +60,12 @@ def run_cpu_suite(system, samples: int = 16, guidance: float = 1.0, seed: int = 
             if name == "v2v" and given == system.codec.temporal_factor:
                 continue  # a 2-frame model: V2V is I2V
             rep, gen, truth = timed(name, continuation, system, condition_clips, given, guidance,
-                                    seed + 100, solver=solver)
+                                    seed + 100, solver=solver, temperature=temperature)
             report[name] = rep
             images[name] = (gen, truth, given)
     if long_samples and long_factor > 1:
         rep, long_videos = timed("long_video", long_video_drift, system, long_samples, long_factor,
-                                 guidance, seed + 200, solver=solver)
+                                 guidance, seed + 200, solver=solver, temperature=temperature)
         report["long_video"] = rep
         images["long_video"] = long_videos
     report["seconds"] = seconds

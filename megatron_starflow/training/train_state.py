@@ -37,11 +37,14 @@ class TrainState:
     def __init__(self, layout: ProcessLayout, loader, guard: SkipGuard):
         self.layout, self.loader, self.guard = layout, loader, guard
         self.step = 0
+        # Seconds spent in training steps over the whole run, resumes included (evaluation and
+        # checkpoint writing excluded): the x axis of quality-against-training-time curves.
+        self.train_seconds = 0.0
 
     def global_state(self) -> dict:
         """Collective over the data-parallel group (every rank calls it when saving)."""
         return {"step": self.step, "guard": self.guard.state_dict(), "data": self.data_state(),
-                "parallel": self.layout.describe()}
+                "parallel": self.layout.describe(), "train_seconds": self.train_seconds}
 
     def data_state(self) -> dict:
         """Every DP rank's loader state merged (a rank that met bad samples has read further along
@@ -66,6 +69,7 @@ class TrainState:
     def load(self, global_state: dict, rank_state: dict | None) -> None:
         """``rank_state``: this rank's saved streams when the layout is the same, else None."""
         self.step = int(global_state["step"])
+        self.train_seconds = float(global_state.get("train_seconds", 0.0))
         self.guard.load_state_dict(global_state["guard"])
         if global_state.get("data"):
             self.loader.load_state_dict(global_state["data"])

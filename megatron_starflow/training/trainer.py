@@ -129,6 +129,7 @@ class Trainer:
         self.guard.record(step, skip)
         self.state.step = step + 1
         dt = time.time() - t0
+        self.state.train_seconds += dt
         from megatron_starflow.training.flops import model_flops, step_metrics
 
         replica_batch = noisy.shape[0]
@@ -137,7 +138,7 @@ class Trainer:
                   "denoiser_grad_norm": norms.get("denoiser", 0.0), "lr": lr,
                   "skipped": self.guard.skipped, "consecutive_skips": self.guard.streak,
                   "tokens_per_s": replica_batch * noisy[0, ..., 0].numel() * lay.dp_size / dt,
-                  "epoch": epoch, "skip": skip}
+                  "epoch": epoch, "train_seconds": round(self.state.train_seconds, 3), "skip": skip}
         record.update(step_metrics(model_flops(cfg, replica_batch * lay.dp_size,
                                                tuple(noisy.shape[1:4])), dt, tr.peak_tflops, lay.world))
         return record
