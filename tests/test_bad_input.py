@@ -241,6 +241,10 @@ CASES = [
     ("eval-temperature", "launch", EV + ["--suite", "cpu", "--temperature", "-1"],
      ["argument --temperature", "[0, 4]"]),
     ("sample-temperature", "launch", S + ["--temperature", "inf"], ["argument --temperature", "finite"]),
+    ("sample-candidates", "launch", S + ["--candidates", "0"], ["argument --candidates", ">= 1"]),
+    ("sample-candidates-cp", "launch", S + ["--candidates", "4", "--cp", "2"],
+     ["--candidates 4 with --cp 2", "one process"]),
+    ("eval-candidates", "launch", EV + ["--suite", "cpu", "--candidates", "-2"], ["argument --candidates"]),
 ]
 
 

@@ -28,10 +28,14 @@ def test_parse_recipe():
     for bad in ("", "x", "nan", "-1", "inf"):
         with pytest.raises(argparse.ArgumentTypeError):
             quality_sweep.floats(bad)
+    assert quality_sweep.counts("1,8") == [1, 8]
+    for bad in ("", "0", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            quality_sweep.counts(bad)
 
 
 def _row(recipe, step, overall, shape=0.0, weights="ema", w=1.0, t=1.0, minutes=1.0):
-    return {"recipe": recipe, "step": step, "weights": weights, "w": w, "T": t, "train_minutes": minutes,
+    return {"recipe": recipe, "step": step, "weights": weights, "w": w, "T": t, "N": 1, "train_minutes": minutes,
             "overall": overall, "shape": shape, "color": 1.0, "direction": 0.5, "background": 1.0}
 
 
@@ -40,7 +44,7 @@ def test_table_picks_the_best_setting_of_the_last_checkpoint():
             _row("b", 20, 0.1)]
     md = quality_sweep.table(rows, {"a": ["x.y=1"], "b": []})
     head = md.split("\n\n")[0].splitlines()
-    assert head[2].startswith("| a | x.y=1 | 20 | 1.0 | raw | 1 | 0.7 | 50.0 %")  # not step 10's 90 %
+    assert head[2].startswith("| a | x.y=1 | 20 | 1.0 | raw | 1 | 0.7 | 1 | 50.0 %")  # not step 10's 90 %
     assert head[3].startswith("| b | (base) | 20 |")
     assert md.count("| a |") == 4  # the summary line + three rows
 
@@ -51,7 +55,7 @@ def test_small_sweep_end_to_end(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "tools", "quality_sweep.py"), "--out", str(out),
            "--recipe", "base:", "--recipe", "wide:model.deep_width=48,model.head_dim=16",
            "--steps", "4", "--ckpt-every", "2", "--parallel", "2", "--threads", "1", "--samples", "2",
-           "--temperature", "1,0.5", *TINY_SYSTEM, "train.warmup_steps=1", "train.ema_decay=0.9"]
+           "--temperature", "1,0.5", "--candidates", "1", *TINY_SYSTEM, "train.warmup_steps=1", "train.ema_decay=0.9"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(out / "sweep.jsonl")]

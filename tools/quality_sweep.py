@@ -2,9 +2,9 @@
 """Recipe sweep for prompt adherence: train a few named recipes (a base config plus overrides),
 keep a checkpoint every ``--ckpt-every`` steps, score T2V prompt adherence of every checkpoint on
 the held-out captions (the analyser of ``evaluation/analyser.py``) for a grid of guidance weights,
-prior temperatures and weights (EMA / raw), and write
+prior temperatures, best-of-N candidates (``sampling/rerank.py``) and weights (EMA / raw), and write
 
-    OUT/sweep.jsonl   one row per (recipe, checkpoint, weights, w, T): step, training minutes,
+    OUT/sweep.jsonl   one row per (recipe, checkpoint, weights, w, T, N): step, training minutes,
                       overall and per-attribute accuracy (resumable: rows already there are kept)
     OUT/sweep.md      the table, best setting per recipe first, then adherence against minutes
     OUT/curve.png     overall adherence against training minutes, one line per recipe
@@ -51,6 +51,16 @@ def floats(text: str) -> list[float]:
         values = []
     if not values or any(v != v or v < 0 or v == float("inf") for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers >= 0, got {text!r}")
+    return values
+
+
+def counts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
     return values
 
 
@@ -112,18 +122,18 @@ def evaluate_run(name: str, run_dir: str, args, done: set, sink) -> None:
 
     for step, step_dir, seconds in checkpoints_of(run_dir):
         for weights in args.weights:
-            grid = [(w, t) for w in args.guidance for t in args.temperature
-                    if (name, step, weights, w, t) not in done]
+            grid = [(w, t, n) for w in args.guidance for t in args.temperature for n in args.candidates
+                    if (name, step, weights, w, t, n) not in done]
             if not grid:
                 continue
             try:
                 system, _, _ = load_system(step_dir, "cpu", weights)
             except NoEMAError:
                 continue  # a recipe without train.ema_decay has raw weights only
-            for w, t in grid:
+            for w, t, n in grid:
                 rep, _, _ = t2v_adherence(system, args.samples, w, seed=args.seed,
-                                          solver=args.solver, temperature=t)
-                row = {"recipe": name, "step": step, "weights": weights, "w": w, "T": t,
+                                          solver=args.solver, temperature=t, candidates=n)
+                row = {"recipe": name, "step": step, "weights": weights, "w": w, "T": t, "N": n,
                        "train_minutes": None if seconds is None else round(seconds / 60, 2),
                        "samples": args.samples, "solver": args.solver,
                        **{a: rep["accuracy"][a] for a in ATTRS}, "valid": rep["valid_fraction"]}
@@ -145,8 +155,8 @@ def pct(v: float) -> str:
 
 def table(rows: list[dict], recipes: dict) -> str:
     """Markdown: the best (weights, w, T) of each recipe's last checkpoint, then every row."""
-    lines = ["| recipe | overrides | step | train min | weights | w | T | overall | shape | colour "
-             "| direction | background |", "|" + "---|" * 12]
+    lines = ["| recipe | overrides | step | train min | weights | w | T | best of N | overall | shape "
+             "| colour | direction | background |", "|" + "---|" * 13]
     for name in recipes:
         mine = [r for r in rows if r["recipe"] == name]
         if not mine:
@@ -155,7 +165,7 @@ def table(rows: list[dict], recipes: dict) -> str:
         best = max((r for r in mine if r["step"] == last), key=lambda r: (r["overall"], r["shape"]))
         lines.append(_line(best, recipes[name]))
     lines += ["", "All rows (adherence against training minutes):", "", lines[0], lines[1]]
-    for r in sorted(rows, key=lambda r: (r["recipe"], r["step"], r["weights"], r["w"], r["T"])):
+    for r in sorted(rows, key=lambda r: (r["recipe"], r["step"], r["weights"], r["w"], r["T"], r["N"])):
         lines.append(_line(r, recipes.get(r["recipe"], [])))
     return "\n".join(lines) + "\n"
 
@@ -163,7 +173,7 @@ def table(rows: list[dict], recipes: dict) -> str:
 def _line(r: dict, overrides: list[str]) -> str:
     minutes = "" if r["train_minutes"] is None else f"{r['train_minutes']:.1f}"
     return (f"| {r['recipe']} | {' '.join(overrides) or '(base)'} | {r['step']} | {minutes} | "
-            f"{r['weights']} | {r['w']:g} | {r['T']:g} | " + " | ".join(pct(r[a]) for a in ATTRS) + " |")
+            f"{r['weights']} | {r['w']:g} | {r['T']:g} | {r['N']} | " + " | ".join(pct(r[a]) for a in ATTRS) + " |")
 
 
 def curve(rows: list[dict], path: str, width: int = 640, height: int = 400) -> None:
@@ -221,6 +231,8 @@ def main(argv=None) -> int:
                    help="T2V samples per score (held-out captions)")
     p.add_argument("--guidance", type=floats, default=[1.0])
     p.add_argument("--temperature", type=floats, default=[1.0])
+    p.add_argument("--candidates", type=counts, default=[1],
+                   help="best of N samples per caption by the flow's likelihood ratio (comma-separated)")
     p.add_argument("--weights", default="ema,raw", help="comma-separated: ema, raw (ema is skipped "
                                                          "for recipes trained without train.ema_decay)")
     p.add_argument("--solver", choices=["jacobi", "sequential"], default="jacobi")
@@ -248,7 +260,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows_path = os.path.join(args.out, "sweep.jsonl")
-    done = {(r["recipe"], r["step"], r["weights"], r["w"], r["T"]) for r in read_rows(rows_path)}
+    done = {(r["recipe"], r["step"], r["weights"], r["w"], r["T"], r["N"]) for r in read_rows(rows_path)}
     with open(rows_path, "a") as sink:
         for name in names:
             evaluate_run(name, os.path.join(args.out, name), args, done, sink)

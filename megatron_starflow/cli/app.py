@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="suite: scale of the prior noise z in [0, 4] (1: the model's distribution)")
     ev.add_argument("--solver", choices=["sequential", "jacobi"], default="jacobi",
                     help="suite: sampler (jacobi: video-aware, tau 1e-3; sequential: exact)")
+    ev.add_argument("--candidates", type=checks.integer(1), default=1,
+                    help="suite: T2V best of N samples per caption, ranked by the flow's likelihood "
+                         "ratio log p(x|caption) - log p(x|empty) (1: plain sampling)")
     ev.add_argument("--threads", type=checks.integer(0), default=0,
                     help="suite: torch threads (0: torch's default)")
     ev.add_argument("--out", help="suite: report JSON (default RUN/eval/cpu_suite_STEP.json)")
@@ -68,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--cfg", type=checks.GUIDANCE, default=0.0,
                     help=f"guidance weight w in [0, {checks.GUIDANCE_MAX:g}] (0: none)")
     sa.add_argument("--seed", type=checks.SEED, default=0, help="in [0, 2^63 - 1]")
+    sa.add_argument("--candidates", type=checks.integer(1), default=1,
+                    help="best of N samples per prompt, ranked by the flow's likelihood ratio "
+                         "log p(x|prompt) - log p(x|empty) (1: plain sampling)")
     sa.add_argument("--temperature", type=checks.TEMPERATURE, default=1.0,
                     help="scale of the prior noise z in [0, 4]: 1 samples the model's distribution, "
                          "lower values trade diversity for cleaner samples")

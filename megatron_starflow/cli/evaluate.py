@@ -46,7 +46,7 @@ def cmd_eval_cpu_suite(args) -> int:
         checks.check_output_file("--png", png, args.overwrite)
     report, images = run_cpu_suite(system, samples=args.samples, guidance=args.cfg, seed=args.seed,
                                    batches=args.batches, solver=args.solver,
-                                   temperature=args.temperature)
+                                   temperature=args.temperature, candidates=args.candidates)
     report = {"checkpoint": step_dir, "step": step, "suite": "cpu", **report}
     report["seconds"]["total"] = round(time.time() - t0, 2)
     title = f"{step_dir} (step {step}): CPU quality suite"

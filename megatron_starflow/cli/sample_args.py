@@ -79,7 +79,7 @@ def write_samples(args, out, fps: int, step: int, prompts: list[str], solver: st
     paths = write_videos(out.video.numpy(), args.out, fps, args.grid)
     return {"task": args.task, "prompts": prompts, "outputs": paths, "grid": args.grid,
             "checkpoint_step": step, "solver": solver, "cfg": args.cfg, "seed": args.seed,
-            "temperature": args.temperature,
+            "temperature": args.temperature, "candidates": getattr(args, "candidates", 1),
             "seconds": {k: round(v, 3) for k, v in out.seconds.items()},
             "deep_network_evals": out.deep.network_evals,
             "shallow_network_evals": out.shallow.network_evals,

@@ -22,7 +22,7 @@ import torch
 from megatron_starflow.data.synthetic import attributes_for, caption_for, render_clip, scaled
 from megatron_starflow.evaluation.analyser import ATTRIBUTES, CHANCE, ClipAnalysis, accuracy, analyse_clip, score
 from megatron_starflow.evaluation.temporal import finite_or_none, frame_psnr, temporal_summary
-from megatron_starflow.sampling.generate import generate
+from megatron_starflow.sampling.rerank import generate_best_of
 from megatron_starflow.sampling.jacobi import SolverOptions
 
 SPLIT = "heldout"
@@ -47,13 +47,13 @@ def _analyse(system, video) -> ClipAnalysis:
 
 
 def _generate_batched(system, captions, batch_size, seed, opts, frames=None, prefix=None,
-                      temperature: float = 1.0):
+                      temperature: float = 1.0, candidates: int = 1):
     videos, seconds = [], 0.0
     for k, start in enumerate(range(0, len(captions), batch_size)):
         chunk = captions[start:start + batch_size]
         pre = None if prefix is None else prefix[start:start + batch_size]
-        out = generate(system, chunk, frames=frames, seed=seed + k, opts=opts, prefix_video=pre,
-                       temperature=temperature)
+        out = generate_best_of(system, chunk, candidates, seed=seed + k, frames=frames, opts=opts,
+                               prefix_video=pre, temperature=temperature)
         videos.append(out.video.numpy())
         seconds += out.seconds.get("total", 0.0)
     return np.concatenate(videos), seconds
@@ -64,14 +64,17 @@ def _options(guidance: float, solver: str = "jacobi") -> SolverOptions:
 
 
 def t2v_adherence(system, samples: int, guidance: float, seed: int = 0, batch_size: int = 16,
-                  solver: str = "jacobi", temperature: float = 1.0) -> tuple[dict, np.ndarray, list[dict]]:
+                  solver: str = "jacobi", temperature: float = 1.0,
+                  candidates: int = 1) -> tuple[dict, np.ndarray, list[dict]]:
     """-> (report, videos uint8 [N, T, H, W, 3], per-sample rows). ``temperature`` scales the
-    prior noise z (1: the model's own distribution; below 1 trades diversity for fidelity)."""
+    prior noise z (1: the model's own distribution; below 1 trades diversity for fidelity);
+    ``candidates`` > 1 keeps the best of that many samples per caption by the flow's own
+    likelihood ratio (``sampling/rerank.py``)."""
     d = system.cfg.data
     cases = heldout_cases(samples)
     captions = [c for c, _ in cases]
     videos, seconds = _generate_batched(system, captions, batch_size, seed, _options(guidance, solver),
-                                        temperature=temperature)
+                                        temperature=temperature, candidates=candidates)
     analyses = [_analyse(system, v) for v in videos]
     rows, sample_rows = [], []
     for (caption, truth), a in zip(cases, analyses):
@@ -86,7 +89,7 @@ def t2v_adherence(system, samples: int, guidance: float, seed: int = 0, batch_si
     side = min(d.height, d.width)
     report = {
         "samples": samples, "guidance": guidance, "solver": solver, "seed": seed,
-        "temperature": temperature, "generation_seconds": round(seconds, 2),
+        "temperature": temperature, "candidates": candidates, "generation_seconds": round(seconds, 2),
         "accuracy": {k: round(v["accuracy"], 4) for k, v in accuracy(rows).items()},
         "chance": {k: round(v, 5) for k, v in CHANCE.items()},
         "analyser_accuracy_on_ground_truth": {k: round(v["accuracy"], 4)

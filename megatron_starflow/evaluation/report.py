@@ -26,9 +26,11 @@ from megatron_starflow.evaluation.likelihood import evaluate, per_frame_bits_per
 def run_cpu_suite(system, samples: int = 16, guidance: float = 1.0, seed: int = 0,
                   batches: int = 8, condition_clips: int | None = None, long_samples: int | None = None,
                   long_factor: float = 2.0, denoiser_clips: int = 32, score_step: bool = True,
-                  solver: str = "jacobi", temperature: float = 1.0) -> tuple[dict, dict]:
+                  solver: str = "jacobi", temperature: float = 1.0,
+                  candidates: int = 1) -> tuple[dict, dict]:
     """-> (JSON-ready report, images for the page). ``solver`` and ``temperature`` apply to every
-    generated clip (T2V, I2V / V2V continuations, long videos)."""
+    generated clip (T2V, I2V / V2V continuations, long videos); ``candidates`` (best of N by the
+    flow's likelihood ratio) to the T2V samples."""
     from megatron_starflow.data.datasets import make_datasets
 
     cfg = system.cfg
@@ -49,7 +51,7 @@ def run_cpu_suite(system, samples: int = 16, guidance: float = 1.0, seed: int = 
     report["denoiser"] = timed("denoiser", denoiser_quality, system, heldout, denoiser_clips, bs,
                                score_step=score_step)
     t2v, videos, rows = timed("t2v", t2v_adherence, system, samples, guidance, seed, solver=solver,
-                                    temperature=temperature)
+                                    temperature=temperature, candidates=candidates)
     t2v["per_sample"] = rows
     report["t2v"] = t2v
     images["t2v"], images["t2v_rows"] = videos, rows
