@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/tiny}
 bash scripts/install.sh
-python launch.py train --config examples/configs/tiny_cpu.yaml --out "$RUN" "$@"
+python launch.py train --config examples/configs/quickstart.yaml --out "$RUN" "$@"
 python launch.py eval --checkpoint "$RUN"
 mkdir -p "$RUN/samples"
 python tools/make_synthetic_data.py --out "$RUN/samples/inputs" --split heldout --num 1 \

@@ -120,7 +120,8 @@ def evaluate_run(name: str, run_dir: str, args, done: set, sink) -> None:
     from megatron_starflow.evaluation.adherence import t2v_adherence
     from megatron_starflow.training.checkpoint import NoEMAError
 
-    for step, step_dir, seconds in checkpoints_of(run_dir):
+    found = checkpoints_of(run_dir)
+    for step, step_dir, seconds in found[-1:] if args.only_last else found:
         for weights in args.weights:
             grid = [(w, t, n) for w in args.guidance for t in args.temperature for n in args.candidates
                     if (name, step, weights, w, t, n) not in done]
@@ -146,7 +147,10 @@ def read_rows(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    for r in rows:
+        r.setdefault("N", 1)  # rows of sweeps from before best-of-N were plain samples
+    return rows
 
 
 def pct(v: float) -> str:
@@ -238,6 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--solver", choices=["jacobi", "sequential"], default="jacobi")
     p.add_argument("--seed", type=checks.SEED, default=0)
     p.add_argument("--collect-only", action="store_true", help="do not train; evaluate what is there")
+    p.add_argument("--only-last", action="store_true",
+                   help="score only each run's newest checkpoint (e.g. a costly best-of-N grid)")
     p.add_argument("overrides", nargs="*", help="section.key=value for every recipe")
     args, code = checks.parse(p, argv)
     if args is None:
