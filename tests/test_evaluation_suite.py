@@ -115,7 +115,8 @@ def _check_adherence_of_truth(monkeypatch, samples: int = 12, object_scale: floa
     from megatron_starflow.evaluation import adherence
 
     system = _TruthSystem(samples, object_scale)
-    monkeypatch.setattr(adherence, "generate", system.generate)
+    monkeypatch.setattr(adherence, "generate_best_of",
+                        lambda sys_, captions, candidates, **kw: system.generate(sys_, captions, **kw))
     rep, videos, rows = adherence.t2v_adherence(system, samples, guidance=0.0, batch_size=5)
     assert videos.shape == (samples, 8, 16, 16, 3)
     assert rep["accuracy"] == rep["analyser_accuracy_on_ground_truth"], "adherence != ceiling"
