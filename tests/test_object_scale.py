@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from megatron_starflow.config import OBJECT_SCALE_MAX, ConfigError, load_config
-from megatron_starflow.data.synthetic import attributes_for, make_clip, render_clip, scaled, size_range
+from megatron_starflow.data.synthetic import SIZE_RANGE, attributes_for, make_clip, render_clip, scaled, size_range
 from megatron_starflow.evaluation.adherence import ground_truth, heldout_cases
 from megatron_starflow.evaluation.analyser import ATTRIBUTES, accuracy, analyse_clip, score
 
@@ -52,7 +52,7 @@ def test_config_refuses_a_scale_that_does_not_fit():
     for bad in ("0", "-1", "2.3"):
         with pytest.raises(ConfigError, match=r"data\.object_scale must be in \(0, 2\.27\]"):
             load_config(None, [f"data.object_scale={bad}"])
-    assert OBJECT_SCALE_MAX * 0.22 == pytest.approx(0.5)
+    assert OBJECT_SCALE_MAX * SIZE_RANGE[1] == pytest.approx(0.5)  # the config's bound is the renderer's
 
 
 def test_datasets_render_at_the_configured_scale():
