@@ -80,7 +80,8 @@ def test_rendezvous_from_submitit_slurm_environment(monkeypatch):
                        "SLURM_LOCALID": "5", "SLURM_JOB_NODELIST": "gpu-[017-028]"}.items():
         monkeypatch.setenv(key, value)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # so that the values the function exports are undone after
+        monkeypatch.delenv(key)
     values = distributed_env_from_submitit()
     assert values == {"RANK": "29", "WORLD_SIZE": "96", "LOCAL_RANK": "5", "MASTER_ADDR": "gpu-017",
                       "MASTER_PORT": str(master_port("4242"))}

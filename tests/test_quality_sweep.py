@@ -50,7 +50,11 @@ def test_table_picks_the_best_setting_of_the_last_checkpoint():
 
 
 @pytest.mark.slow
-def test_small_sweep_end_to_end(tmp_path):
+def test_small_sweep_end_to_end(tmp_path, monkeypatch):
+    # as inside a torchrun / SLURM job: the sweep's runs must still be one process each
+    for key, value in {"RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu-017", "MASTER_PORT": "24242",
+                       "SLURM_PROCID": "3", "SLURM_NTASKS": "8"}.items():
+        monkeypatch.setenv(key, value)
     out = tmp_path / "sweep"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "quality_sweep.py"), "--out", str(out),
            "--recipe", "base:", "--recipe", "wide:model.deep_width=48,model.head_dim=16",

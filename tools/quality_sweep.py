@@ -80,6 +80,12 @@ def train_commands(args, recipes) -> list[tuple[str, list[str]]]:
     return out
 
 
+# Variables by which a process joins a multi-process job (torchrun, SLURM / submitit). The sweep
+# and each of its runs are one process of their own, also when the sweep runs inside such a job.
+RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                        "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+
+
 def run_parallel(commands, parallel: int, log_dir: str) -> None:
     """Start up to ``parallel`` training processes at a time; a failed run is reported, not fatal
     for the others."""
@@ -249,6 +255,8 @@ def main(argv=None) -> int:
     if args is None:
         return code
     checks.or_usage_error(p, checks.check_output_folder, "--out", args.out)
+    for key in RENDEZVOUS_VARIABLES:  # inherited by the training runs too
+        os.environ.pop(key, None)
     args.weights = [w for w in args.weights.split(",") if w]
     if not args.weights or set(args.weights) - {"ema", "raw"}:
         p.error(f"--weights: a comma-separated list of ema, raw; got {','.join(args.weights)!r}")
