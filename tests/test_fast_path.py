@@ -148,16 +148,17 @@ def test_kv_cache_bookkeeping():
 def test_prefix_runs_of_the_denoiser_masks(megatron_ready):
     """Frame-causal / look-ahead masks without a binding window: every query row sees a prefix of
     the keys, so attention runs once per frame on its prefix (no mask), equal to the masked call."""
-    from megatron_starflow.models.transformer import _PrefixRuns, _sdpa_mask
+    from megatron_starflow.models.prefix_attention import PrefixRuns
+    from megatron_starflow.models.transformer import _sdpa_mask
 
     stack = _stack(megatron_ready).train()
     layout = SlotLayout(16, 4, 4, 4, with_time=True, pt_seq_len=4.0, window=10)
     runs = _sdpa_mask(layout.lookahead_mask(1), layout.total, 0, torch.float64, "cpu")
-    assert isinstance(runs, _PrefixRuns)
+    assert isinstance(runs, PrefixRuns)
     # text and frame 0 see frames 0-1, frame 1 frames 0-2, frames 2 and 3 everything
     assert runs.runs == [(0, 32, 48), (32, 48, 64), (48, 80, 80)]
-    assert _PrefixRuns.of(SlotLayout(2, 3, 2, 2, True, 4.0, window=1).lookahead_mask(1)) is None
-    assert _PrefixRuns.of(torch.ones(8, 8, dtype=torch.bool).tril()) is None  # causal: 8 runs of 1
+    assert PrefixRuns.of(SlotLayout(2, 3, 2, 2, True, 4.0, window=1).lookahead_mask(1)) is None
+    assert PrefixRuns.of(torch.ones(8, 8, dtype=torch.bool).tril()) is None  # causal: 8 runs of 1
     angles = layout.angles(16, 10000.0, 0.25)
     x = _rand(2, layout.total, 32, seed=8)
     grads = []

@@ -36,6 +36,7 @@ from torch import nn
 
 from megatron_starflow.config import ParallelConfig
 from megatron_starflow.models import rope
+from megatron_starflow.models.prefix_attention import PrefixRuns, prefix_attention
 
 
 def _megatron():
@@ -565,10 +566,8 @@ def _fast_layer(p: _LayerPack, x, rotary, mask, cache):
     v = qkv.select(3, 2).transpose(1, 2)  # [B, H, S, d]
     if cache is not None:
         k, v = cache.write(p.number, k, v)
-    if isinstance(mask, _PrefixRuns):  # query rows in runs that each see a prefix of keys
-        o = torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :keys],
-                                                      v[:, :, :keys], scale=p.scale)
-                       for lo, hi, keys in mask.runs], dim=2)
+    if isinstance(mask, PrefixRuns):  # query rows in runs that each see a prefix of keys
+        o = prefix_attention(q, k, v, mask, p.scale)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0], is_causal=mask[1],
                                            scale=p.scale)
@@ -577,51 +576,19 @@ def _fast_layer(p: _LayerPack, x, rotary, mask, cache):
     return x + F.linear(p.activation(F.linear(h, *p.fc1)), *p.fc2)
 
 
-class _PrefixRuns:
-    """A mask whose rows each allow a prefix of the keys, as runs of consecutive query rows with
-    the same prefix: ``runs`` = [(first row, end row, keys)]. Attention then runs once per run on
-    its prefix without a mask, skipping the masked blocks (the denoiser's frame-causal and
-    look-ahead masks: one run per frame)."""
-
-    MAX_RUNS = 64
-    MIN_ROWS = 8  # per run on average: short runs cost more in calls than they save
-    MIN_SAVING = 0.2  # of the mask's area; otherwise one masked call is faster
-
-    def __init__(self, runs):
-        self.runs = runs
-
-    @classmethod
-    def of(cls, allowed: torch.Tensor) -> "_PrefixRuns | None":
-        if allowed.dim() != 2:
-            return None
-        rows, keys = allowed.shape
-        lengths = allowed.sum(1)
-        if (lengths == 0).any():
-            return None
-        if not torch.equal(allowed, torch.arange(keys, device=allowed.device)[None, :] < lengths[:, None]):
-            return None
-        change = torch.nonzero(lengths[1:] != lengths[:-1]).flatten().tolist()
-        if len(change) + 1 > min(cls.MAX_RUNS, rows // cls.MIN_ROWS):
-            return None
-        bounds = [0] + [c + 1 for c in change] + [rows]
-        runs = [(lo, hi, int(lengths[lo])) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        if sum((hi - lo) * n for lo, hi, n in runs) > (1 - cls.MIN_SAVING) * rows * keys:
-            return None
-        return cls(runs)
-
-
 def _sdpa_mask(allowed, s, past, dtype, device):
     """Boolean mask (True = attend; None = causal over ``past`` cached + ``s`` new slots) -> SDPA's
-    (additive mask or None, is_causal), or ``_PrefixRuns``, built once per stack call."""
+    (additive mask or None, is_causal), or ``PrefixRuns``, built once per stack call."""
     if allowed is not None and s > 1:
-        runs = _PrefixRuns.of(allowed)
+        runs = PrefixRuns.of(allowed)
         if runs is not None:
             return runs
     if allowed is None:
         if s == 1:  # the newest slot sees every cached one
             return None, False
         if past == 0:
-            return None, True
+            runs = PrefixRuns.causal(s, dtype, device)
+            return (None, True) if runs is None else runs
         mask = torch.full((s, past + s), float("-inf"), dtype=dtype, device=device)
         return mask.triu_(past + 1), False
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
