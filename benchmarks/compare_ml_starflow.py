@@ -369,12 +369,19 @@ def main(argv=None) -> dict:
     result["ratios"] = {f"{mod['model']}/{row}": {k: round(r[k], 3) for k in
                                                    ("ratio", "ratio_cpu", "ratio_pairs_median")}
                         for mod in result["models"] for row, r in mod["rows"].items()}
+    emit(result, args.out)
+    return result
+
+
+def emit(result: dict, out: str) -> None:
+    """Print the JSON and, with ``out``, write it there whole (temp name, then rename)."""
     text = json.dumps(result, indent=1)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        tmp = f"{out}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             f.write(text + "\n")
-    return result
+        os.replace(tmp, out)
 
 
 if __name__ == "__main__":

@@ -198,11 +198,7 @@ def main(argv=None) -> dict:
     if args.baseline:
         with open(args.baseline) as f:
             result["vs_baseline"] = compare_to_baseline(result, json.load(f))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    cmp.emit(result, args.out)
     return result
 
 
