@@ -83,9 +83,18 @@ def prefix_attention(q, k, v, runs: PrefixRuns, scale: float | None) -> torch.Te
     grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grads and q.device.type == "cpu":
         return _CpuFlashRuns.apply(q, k, v, runs, scale)
-    return torch.cat([F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :keys], v[:, :, :keys],
-                                                     attn_mask=mask, scale=scale)
-                      for (lo, hi, keys), mask in zip(runs.runs, runs.masks)], dim=2)
+    out = _heads_last(q)
+    for (lo, hi, keys), mask in zip(runs.runs, runs.masks):
+        out[:, :, lo:hi] = F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :keys],
+                                                          v[:, :, :keys], attn_mask=mask, scale=scale)
+    return out
+
+
+def _heads_last(q: torch.Tensor) -> torch.Tensor:
+    """An empty [B, H, S, d] output laid out as [B, S, H, d] (as the flash kernel lays out its
+    own), so that the caller's merge of the heads into [B, S, H * d] is a view, not a copy."""
+    b, h, s, d = q.shape
+    return q.new_empty(b, s, h, d).transpose(1, 2)
 
 
 class _CpuFlashRuns(torch.autograd.Function):
@@ -95,28 +104,27 @@ class _CpuFlashRuns(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, runs: PrefixRuns, scale):
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        outs, lses = [], []
+        out = _heads_last(q)
+        lses = []
         for (lo, hi, keys), mask in zip(runs.runs, runs.masks):
             o, lse = flash(q[:, :, lo:hi], k[:, :, :keys], v[:, :, :keys], 0.0, False,
                            attn_mask=mask, scale=scale)
-            outs.append(o)
+            out[:, :, lo:hi] = o
             lses.append(lse)
-        ctx.save_for_backward(q, k, v, *outs, *lses)
+        ctx.save_for_backward(q, k, v, out, *lses)
         ctx.runs, ctx.scale = runs, scale
-        return torch.cat(outs, dim=2)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        q, k, v, *saved = ctx.saved_tensors
-        n = len(ctx.runs.runs)
-        outs, lses = saved[:n], saved[n:]
+        q, k, v, out, *lses = ctx.saved_tensors
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for i, ((lo, hi, keys), mask) in enumerate(zip(ctx.runs.runs, ctx.runs.masks)):
-            gq, gk, gv = flash_backward(grad[:, :, lo:hi].contiguous(), q[:, :, lo:hi],
-                                        k[:, :, :keys], v[:, :, :keys], outs[i], lses[i], 0.0,
-                                        False, attn_mask=mask, scale=ctx.scale)
+            gq, gk, gv = flash_backward(grad[:, :, lo:hi], q[:, :, lo:hi],
+                                        k[:, :, :keys], v[:, :, :keys], out[:, :, lo:hi], lses[i],
+                                        0.0, False, attn_mask=mask, scale=ctx.scale)
             dq[:, :, lo:hi] = gq
             dk[:, :, :keys] += gk
             dv[:, :, :keys] += gv

@@ -561,9 +561,10 @@ def _fast_layer(p: _LayerPack, x, rotary, mask, cache):
     """One layer of ``TransformerStack._fast_forward`` (x [B, S, W])."""
     b, s, _ = x.shape
     h = torch.layer_norm(x, *p.ln1)
-    qkv = F.linear(h, *p.qkv).view(b, s, p.heads, 3, p.head_dim)
-    q, k = rope.rotate_pairs(qkv.narrow(3, 0, 2), rotary[:, None, None]).transpose(1, 2).unbind(3)
-    v = qkv.select(3, 2).transpose(1, 2)  # [B, H, S, d]
+    # split (not narrow / select): its backward is one cat, not a zero-filled qkv-sized buffer per part
+    qk, v = F.linear(h, *p.qkv).view(b, s, p.heads, 3, p.head_dim).split((2, 1), dim=3)
+    q, k = rope.rotate_pairs(qk, rotary[:, None, None]).transpose(1, 2).unbind(3)
+    v = v.squeeze(3).transpose(1, 2)  # [B, H, S, d]
     if cache is not None:
         k, v = cache.write(p.number, k, v)
     if isinstance(mask, PrefixRuns):  # query rows in runs that each see a prefix of keys
