@@ -131,7 +131,38 @@ def their_model(theirs: str, cfg, our_state: dict):
     return model.float(), tf
 
 
-def interleaved(ours, theirs, repeats: int) -> dict:
+GEMM_OPS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::bmm": (0, 1), "aten::baddbmm": (1, 2)}
+
+
+def kernel_split(fn) -> dict:
+    """One profiled call of ``fn``: self CPU milliseconds in GEMMs (with their GFLOP, from the
+    operand shapes), in attention kernels, and in everything else (the profiler's own per-op cost
+    lands there too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    gemm = attention = total = flop = 0.0
+    for event in prof.key_averages(group_by_input_shape=True):
+        ms = event.self_cpu_time_total / 1e3
+        total += ms
+        if event.key in GEMM_OPS:
+            gemm += ms
+            a, b = (event.input_shapes[i] for i in GEMM_OPS[event.key])
+            flop += 2.0 * event.count * (a[0] if len(a) == 3 else 1) * a[-2] * a[-1] * b[-1]
+        elif "scaled_dot_product" in event.key or "flash_attention" in event.key:
+            attention += ms
+    return {"gemm_ms": gemm, "gemm_gflop": flop / 1e9, "attention_ms": attention,
+            "other_ms": total - gemm - attention, "total_ms": total}
+
+
+def kernel_floor(ours: dict, theirs: dict) -> float:
+    """Our time / theirs if everything of ours outside GEMMs and attention cost nothing: the
+    lowest ratio our GEMM and attention work allows."""
+    return (ours["gemm_ms"] + ours["attention_ms"]) / theirs["total_ms"]
+
+
+def interleaved(ours, theirs, repeats: int, profile: bool = False) -> dict:
     """Alternate the two (order swapped every pair) -> medians of wall-clock and of this thread's
     CPU time (with one torch thread the computation runs on this thread; CPU time does not count
     the time other processes of a shared machine hold the core), their ratios, and the median of
@@ -147,7 +178,11 @@ def interleaved(ours, theirs, repeats: int) -> dict:
             cpu[name].append(time.thread_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
-    return {"ours_s": med["ours"], "theirs_s": med["theirs"], "ratio": med["ours"] / med["theirs"],
+    kernels = {}
+    if profile:
+        split = {"ours": kernel_split(ours), "theirs": kernel_split(theirs)}
+        kernels = {"kernels": split, "kernel_floor_ratio": kernel_floor(split["ours"], split["theirs"])}
+    return {**kernels, "ours_s": med["ours"], "theirs_s": med["theirs"], "ratio": med["ours"] / med["theirs"],
             "ours_cpu_s": cmed["ours"], "theirs_cpu_s": cmed["theirs"],
             "ratio_cpu": cmed["ours"] / cmed["theirs"],
             "ratio_pairs_median": statistics.median(a / b for a, b in zip(times["ours"], times["theirs"])),
@@ -177,7 +212,7 @@ def count_passes(their_model):
 
 
 def run_model(name: str, theirs: str, rows, repeats: int, block: int, tau: float, cfg_w: float,
-              head: float, commit_pass: bool = False) -> dict:
+              head: float, commit_pass: bool = False, profile: bool = False) -> dict:
     import torch
 
     from megatron_starflow.models.starflow import StarFlowV
@@ -240,7 +275,7 @@ def run_model(name: str, theirs: str, rows, repeats: int, block: int, tau: float
             pred = theirs_model(x, text, denoiser=True)
             torch.nn.functional.mse_loss(pred, score).backward()
 
-        res = interleaved(ours_step, theirs_step, repeats)
+        res = interleaved(ours_step, theirs_step, repeats, profile)
         out["rows"]["train"] = {"batch": b, "check": check, **res}
         ours.eval(), theirs_model.eval()
 
@@ -254,7 +289,8 @@ def run_model(name: str, theirs: str, rows, repeats: int, block: int, tau: float
             check = {"max_abs_their_D_plus_our_s": (d + s).abs().max().item(),
                      "max_s_value": s.abs().max().item()}
             res = interleaved(lambda: ours.denoise_score(noisy, text),
-                              lambda: theirs_model(chw(noisy), text, denoiser=True), repeats)
+                              lambda: theirs_model(chw(noisy), text, denoiser=True), repeats,
+                              profile)
         out["rows"]["denoiser"] = {"batch": b, "check": check, **res}
 
     b = shape["batch_sample"]
@@ -287,7 +323,7 @@ def run_model(name: str, theirs: str, rows, repeats: int, block: int, tau: float
             check = {"max_abs_ours_vs_theirs": (reference["ours"] - reference["theirs"]).abs().max().item(),
                      "max_abs_token": reference["ours"].abs().max().item()}
             res = interleaved(lambda: our_inverse(SolverOptions("sequential")),
-                              lambda: their_inverse(False), repeats)
+                              lambda: their_inverse(False), repeats, profile)
             out["rows"]["sequential"] = {"batch": b, "check": check, **res}
         for row, tau_row, guided in (("jacobi", tau, False), ("jacobi_exact", 0.0, False),
                                      ("jacobi_cfg", tau, True)):
@@ -313,7 +349,7 @@ def run_model(name: str, theirs: str, rows, repeats: int, block: int, tau: float
                              "shallow_tokens": shallow.token_evals},
                     "theirs": counts}
             res = interleaved(lambda: our_inverse(opts, guided),
-                              lambda: their_inverse(True, tau_row, guided), repeats)
+                              lambda: their_inverse(True, tau_row, guided), repeats, profile)
             per_token = {
                 k: res[f"{k}_s"] / max(1, work[k]["deep_tokens"] + work[k]["shallow_tokens"])
                 for k in ("ours", "theirs")}
@@ -340,6 +376,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--commit-pass", action="store_true",
                         help="our Jacobi with its commit pass after a tau stop (default: without, "
                              "their rule: the same passes per iteration count)")
+    parser.add_argument("--profile", action="store_true",
+                        help="per row one profiled call of each side: GEMM / attention / other "
+                             "milliseconds, GEMM GFLOP, and kernel_floor_ratio (our GEMM + attention "
+                             "time over their whole time)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     theirs = os.path.abspath(args.theirs)
@@ -364,10 +404,11 @@ def main(argv=None) -> dict:
               "block": args.block, "tau": args.tau, "cfg": args.cfg, "head": args.head,
               "commit_pass": args.commit_pass,
               "models": [run_model(name, theirs, rows, args.repeats, args.block, args.tau, args.cfg,
-                                   args.head, args.commit_pass)
+                                   args.head, args.commit_pass, args.profile)
                          for name in args.models.split(",")]}
     result["ratios"] = {f"{mod['model']}/{row}": {k: round(r[k], 3) for k in
-                                                   ("ratio", "ratio_cpu", "ratio_pairs_median")}
+                                                   ("ratio", "ratio_cpu", "ratio_pairs_median",
+                                                    "kernel_floor_ratio") if k in r}
                         for mod in result["models"] for row, r in mod["rows"].items()}
     emit(result, args.out)
     return result

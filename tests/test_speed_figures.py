@@ -112,3 +112,29 @@ def test_regression_benchmark_runs(tmp_path, megatron_ready):
     again = regression.main(args[:-2] + ["--baseline", str(out)])
     cmp = again["vs_baseline"]["tiny/jacobi"]
     assert cmp["work_changed"] is False and cmp["cpu_time_vs_baseline"] > 0
+
+
+def test_kernel_split_counts_gemm_flops_and_attention():
+    """compare_ml_starflow --profile: GEMM GFLOP from the operand shapes (mm, addmm, bmm), their
+    time, attention time, the rest; and the floor ratio built from them."""
+    from helpers_scripts import load_script
+
+    compare = load_script("benchmarks/compare_ml_starflow.py")
+    a, b, bias = torch.randn(48, 32), torch.randn(32, 16), torch.randn(16)
+    x, y = torch.randn(3, 8, 4), torch.randn(3, 4, 5)
+    q = torch.randn(1, 2, 16, 8)
+
+    def fn():
+        torch.mm(a, b)
+        torch.addmm(bias, a, b)
+        torch.bmm(x, y)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        (a * 2).sum()
+
+    split = compare.kernel_split(fn)
+    assert split["gemm_gflop"] == pytest.approx(2 * (2 * 48 * 32 * 16 + 3 * 8 * 4 * 5) / 1e9)
+    assert split["gemm_ms"] > 0 and split["attention_ms"] > 0 and split["other_ms"] > 0
+    assert split["total_ms"] == pytest.approx(split["gemm_ms"] + split["attention_ms"] + split["other_ms"])
+    theirs = {**split, "total_ms": 2 * split["total_ms"]}
+    assert compare.kernel_floor(split, theirs) == pytest.approx(
+        (split["gemm_ms"] + split["attention_ms"]) / (2 * split["total_ms"]))
