@@ -3,7 +3,7 @@
 
     python benchmarks/compare_ml_starflow.py --theirs /path/to/ml-starflow [--models tiny,25m]
         [--rows train,denoiser,sequential,jacobi,jacobi_exact,jacobi_cfg] [--repeats 5]
-        [--threads 1] [--out result.json]
+        [--threads 1] [--profile] [--out result.json]
 
 ``--theirs`` is a checkout of https://github.com/apple/ml-starflow (its ``transformer_flow.py``
 and ``misc/`` are imported from that folder at run time; nothing of theirs is in this
@@ -34,6 +34,11 @@ hits both alike. Rows:
   cap, ours stops a chunk when an iteration changes nothing).
 * ``jacobi_cfg``: ``jacobi`` with classifier-free guidance w = ``--cfg`` (unconditional text: a
   second random embedding).
+
+``--profile`` adds per row one profiled call of each side: milliseconds in GEMMs (and their
+GFLOP), in attention kernels and in everything else, and ``kernel_floor_ratio``: our GEMM +
+attention time over their whole time, the ratio we would reach if everything else of ours cost
+nothing (where both do the same GEMM work, the lowest ratio the same math allows).
 
 Their block Jacobi calls ``torch.distributed.all_reduce`` once per iteration (a multi-GPU stop
 vote); here it runs on a one-process gloo group. ``ratio`` = ours / theirs median seconds.
