@@ -51,6 +51,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -137,6 +138,7 @@ def their_model(theirs: str, cfg, our_state: dict):
 
 
 GEMM_OPS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::bmm": (0, 1), "aten::baddbmm": (1, 2)}
+ONEDNN_LINEAR = "mkldnn::_linear_pointwise"  # x [..., K] @ weight [N, K].T (models/cpu_linear.py)
 
 
 def kernel_split(fn) -> dict:
@@ -155,6 +157,10 @@ def kernel_split(fn) -> dict:
             gemm += ms
             a, b = (event.input_shapes[i] for i in GEMM_OPS[event.key])
             flop += 2.0 * event.count * (a[0] if len(a) == 3 else 1) * a[-2] * a[-1] * b[-1]
+        elif event.key == ONEDNN_LINEAR:
+            gemm += ms
+            x, w = event.input_shapes[:2]
+            flop += 2.0 * event.count * math.prod(x) * w[0]
         elif "scaled_dot_product" in event.key or "flash_attention" in event.key:
             attention += ms
     return {"gemm_ms": gemm, "gemm_gflop": flop / 1e9, "attention_ms": attention,

@@ -124,15 +124,23 @@ def test_kernel_split_counts_gemm_flops_and_attention():
     x, y = torch.randn(3, 8, 4), torch.randn(3, 4, 5)
     q = torch.randn(1, 2, 16, 8)
 
+    from megatron_starflow.models import cpu_linear
+
+    big, weight = torch.randn(2, 100, 96), torch.randn(128, 96)
+    onednn = cpu_linear.onednn_usable(big, weight)
+
     def fn():
         torch.mm(a, b)
         torch.addmm(bias, a, b)
         torch.bmm(x, y)
+        cpu_linear.linear(big, weight)  # oneDNN's linear where the build has it, else addmm / mm
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
         (a * 2).sum()
 
     split = compare.kernel_split(fn)
-    assert split["gemm_gflop"] == pytest.approx(2 * (2 * 48 * 32 * 16 + 3 * 8 * 4 * 5) / 1e9)
+    assert onednn == cpu_linear._BUILT_WITH_ONEDNN
+    assert split["gemm_gflop"] == pytest.approx(
+        2 * (2 * 48 * 32 * 16 + 3 * 8 * 4 * 5 + 2 * 100 * 96 * 128) / 1e9)
     assert split["gemm_ms"] > 0 and split["attention_ms"] > 0 and split["other_ms"] > 0
     assert split["total_ms"] == pytest.approx(split["gemm_ms"] + split["attention_ms"] + split["other_ms"])
     theirs = {**split, "total_ms": 2 * split["total_ms"]}

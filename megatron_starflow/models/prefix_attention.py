@@ -26,6 +26,25 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+def _register_flop_formulas() -> None:
+    """FlopCounterMode counts SDPA through the kernels it dispatches to, and has no formula for the
+    CPU flash kernel that ``_CpuFlashRuns`` calls directly: give it the same count as for any
+    other SDPA kernel, so measured FLOPs (MFU, tests/test_flops_memory.py) see these runs."""
+    from torch.utils import flop_counter
+
+    forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(forward)(
+            lambda query, key, value, *args, **kwargs: flop_counter.sdpa_flop_count(query, key, value))
+    if backward not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(backward)(
+            lambda grad_out, query, key, value, *args, **kwargs:
+            flop_counter.sdpa_backward_flop_count(grad_out, query, key, value))
+
+
+_register_flop_formulas()
+
 CAUSAL_RUN_ROWS = 64  # query rows per run of a causal pass (best of 32 / 64 / 128 measured)
 CAUSAL_MIN_ROWS = 256  # shorter causal passes: one causal call is as fast
 

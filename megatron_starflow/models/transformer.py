@@ -23,8 +23,9 @@ to the cache without committing until the block has converged.
 A stack built with the local spec and run without TP, SP, FP8 or autocast takes a fast path
 (``TransformerStack._fast_forward``): the same layers computed directly from their parameters,
 with fewer operations per layer (fused bias linears, one complex RoPE multiply from a per-layout
-table, one mask per call). Megatron's block stays the path for everything else; tests keep the two
-equal in float64 (tests/test_fast_path.py).
+table, one mask per call), its float32 CPU linears on oneDNN's GEMM (``cpu_linear``) and long
+causal passes attending by runs of rows (``prefix_attention``). Megatron's block stays the path
+for everything else; tests keep the two equal in float64 (tests/test_fast_path.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_starflow.config import ParallelConfig
-from megatron_starflow.models import rope
+from megatron_starflow.models import cpu_linear, rope
 from megatron_starflow.models.prefix_attention import PrefixRuns, prefix_attention
 
 
@@ -562,7 +563,7 @@ def _fast_layer(p: _LayerPack, x, rotary, mask, cache):
     b, s, _ = x.shape
     h = torch.layer_norm(x, *p.ln1)
     # split (not narrow / select): its backward is one cat, not a zero-filled qkv-sized buffer per part
-    qk, v = F.linear(h, *p.qkv).view(b, s, p.heads, 3, p.head_dim).split((2, 1), dim=3)
+    qk, v = cpu_linear.linear(h, *p.qkv).view(b, s, p.heads, 3, p.head_dim).split((2, 1), dim=3)
     q, k = rope.rotate_pairs(qk, rotary[:, None, None]).transpose(1, 2).unbind(3)
     v = v.squeeze(3).transpose(1, 2)  # [B, H, S, d]
     if cache is not None:
@@ -572,9 +573,9 @@ def _fast_layer(p: _LayerPack, x, rotary, mask, cache):
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0], is_causal=mask[1],
                                            scale=p.scale)
-    x = x + F.linear(o.transpose(1, 2).reshape(b, s, -1), *p.proj)
+    x = x + cpu_linear.linear(o.transpose(1, 2).reshape(b, s, -1), *p.proj)
     h = torch.layer_norm(x, *p.ln2)
-    return x + F.linear(p.activation(F.linear(h, *p.fc1)), *p.fc2)
+    return x + cpu_linear.linear(cpu_linear.linear_gelu(h, *p.fc1, p.activation), *p.fc2)
 
 
 def _sdpa_mask(allowed, s, past, dtype, device):
