@@ -67,7 +67,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """``activation(F.linear(x, weight, bias))``; without gradients and with ``F.gelu`` (erf) the
     GELU is fused into oneDNN's GEMM."""
     if activation is F.gelu and onednn_usable(x, weight) and not (
-            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
         return _gemm(x, weight, bias, "gelu")
     return activation(linear(x, weight, bias))
 

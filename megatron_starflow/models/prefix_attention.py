@@ -12,7 +12,7 @@ block touches in full, so on a 528-token causal pass it skips almost nothing; cu
 into runs of ``CAUSAL_RUN_ROWS`` and handing each run only its key prefix computes about half the
 score matrix instead (measured: forward 0.68x, forward + backward 0.80x of one causal call at the
 tiny and 25 M deep-block shapes). GPU kernels skip causal blocks themselves, so the causal runs are
-built only for CPU tensors (``causal_runs``); the math is the same either way.
+built only for CPU tensors (``PrefixRuns.causal``); the math is the same either way.
 
 With gradients on CPU, the runs go through one autograd function that calls the flash kernel's
 forward and backward per run and adds the key / value gradients of each run into one buffer in
@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
 
 def _register_flop_formulas() -> None:
     """FlopCounterMode counts SDPA through the kernels it dispatches to, and has no formula for the
