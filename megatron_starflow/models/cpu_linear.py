@@ -53,12 +53,16 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acti
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none")
 
 
+def _records_grad(*tensors) -> bool:
+    """Whether autograd would record an op on ``tensors`` (None entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, by oneDNN for float32 CPU tensors (with gradients)."""
     if not onednn_usable(x, weight):
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if _records_grad(x, weight, bias):
         return _OneDnnLinear.apply(x, weight, bias)
     return _gemm(x, weight, bias)
 
@@ -66,9 +70,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation):
     """``activation(F.linear(x, weight, bias))``; without gradients and with ``F.gelu`` (erf) the
     GELU is fused into oneDNN's GEMM."""
-    if activation is F.gelu and onednn_usable(x, weight) and not (
-            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))):
+    if activation is F.gelu and onednn_usable(x, weight) and not _records_grad(x, weight, bias):
         return _gemm(x, weight, bias, "gelu")
     return activation(linear(x, weight, bias))
 
